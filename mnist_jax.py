@@ -594,21 +594,25 @@ def maxpool_init(key, layer, in_shape):
 def maxpool_forward(layer, p, s, x, train, key):
     """The largest value of each 2x2 block (an odd last row or column is dropped)."""
     b, h, w, c = x.shape
-    blocks = x[:, :h // 2 * 2, :w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
-    y = blocks.max(axis=(2, 4))
-    return y, s, (blocks, y, x.shape)
+    h2, w2 = h // 2, w // 2
+    # (b, h2, 2, w2, 2, c) -> (b, h2, w2, c, 4): the four values of each block side by side
+    blocks = x[:, :2 * h2, :2 * w2].reshape(b, h2, 2, w2, 2, c).transpose(0, 1, 3, 5, 2, 4).reshape(b, h2, w2, c, 4)
+    winner = blocks.argmax(axis=-1)
+    return blocks.max(axis=-1), s, (winner, x.shape)
 
 
 def maxpool_backward(layer, p, cache, dy):
-    """y = max of a block  =>  the gradient goes to the largest input (shared equally
-    between ties, as jax.grad does), and 0 to the other three."""
-    blocks, y, in_shape = cache
-    winners = (blocks == y[:, :, None, :, None, :]).astype(dy.dtype)
-    share = winners / winners.sum(axis=(2, 4), keepdims=True)
-    dblocks = share * dy[:, :, None, :, None, :]
-    b, h2, _, w2, _, c = blocks.shape
-    dx = dblocks.reshape(b, 2 * h2, 2 * w2, c)
-    return {}, jnp.pad(dx, ((0, 0), (0, in_shape[1] - 2 * h2), (0, in_shape[2] - 2 * w2), (0, 0)))
+    """y = max of a block  =>  dy/dx = 1 for the largest of the four inputs, 0 for the others.
+
+    The winner is remembered as an index: comparing the inputs with the maximum
+    again is fragile in float32, where the compiler may recompute them with
+    different rounding. (Exact ties, such as four zeros after a ReLU, carry no
+    gradient from the ReLU anyway.)"""
+    winner, (b, h, w, c) = cache
+    _, h2, w2, _ = dy.shape
+    dblocks = jax.nn.one_hot(winner, 4, dtype=dy.dtype) * dy[..., None]
+    dx = dblocks.reshape(b, h2, w2, c, 2, 2).transpose(0, 1, 4, 2, 5, 3).reshape(b, 2 * h2, 2 * w2, c)
+    return {}, jnp.pad(dx, ((0, 0), (0, h - 2 * h2), (0, w - 2 * w2), (0, 0)))
 
 
 class LayerKind(NamedTuple):
@@ -1114,7 +1118,7 @@ def preprocess(image, steps: bool = False):
     h, w = cropped.shape
     scale = 20 / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    small = np.asarray(Image.fromarray(cropped.astype(np.float32), mode="F").resize(size, Image.LANCZOS))
+    small = np.asarray(Image.fromarray(cropped.astype(np.float32)).resize(size, Image.LANCZOS))
     small = np.clip(small, 0, 1)
     # Centre of mass of the ink, then the integer shift that puts it at (14, 14).
     ys, xs = np.indices(small.shape)
