@@ -132,10 +132,10 @@ class Config:
                                     type=_layer_sizes)
     activation: str = _flag("relu", "nonlinearity after each hidden layer", choices=("relu", "tanh"))
     batchnorm: bool = _flag(False, "batch normalisation after each hidden layer")
-    dropout: float = _flag(0.0, "probability of dropping a hidden unit while training", type=_fraction)
+    dropout: float = _flag(0.2, "probability of dropping a hidden unit while training", type=_fraction)
     weight_decay: float = _flag(0.0, "L2 penalty: adds weight_decay * parameter to every gradient",
                                 type=_non_negative_float)
-    epochs: int = _flag(10, "passes over the training set", type=_positive_int)
+    epochs: int = _flag(20, "passes over the training set", type=_positive_int)
     batch_size: int = _flag(128, "images per SGD step (1 = per-sample SGD)", type=_positive_int)
     lr: float = _flag(0.05, "learning rate at the start; it falls linearly to 0 by the last step",
                       type=_positive_float)
@@ -348,17 +348,17 @@ class Dataset(NamedTuple):
     test_labels: np.ndarray
 
 
-def _find_or_download(folder: Path, name: str, log: Callable[[str], Any]) -> Path:
-    """The path of `name` (gzip or raw) in `folder`, downloading it if neither is there."""
+def _local_file(folder: Path, name: str, log: Callable[[str], Any]) -> Path | None:
+    """The path of `name` (gzip or raw) in `folder`, checked to parse, or None if neither is there."""
     for candidate in (folder / name, folder / name.removesuffix(".gz")):
         if candidate.is_file():
+            read_idx(candidate)  # a damaged or foreign file is reported now, before any download
             size, md5 = MNIST_FILES[name]
-            if candidate.suffix == ".gz" and (candidate.stat().st_size != size or _md5(candidate) != md5):
+            if candidate.suffix != ".gz" or candidate.stat().st_size != size or _md5(candidate) != md5:
                 log(f"note: {candidate} is not the published file (its MD5 differs); "
                     "using it as your own IDX file since it parses")
             return candidate
-    log(f"downloading {name} to {folder}/")
-    return download(name, folder)
+    return None
 
 
 def _images_and_labels(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -395,7 +395,10 @@ def load_mnist(data_dir: str | os.PathLike = "data", log: Callable[[str], Any] =
       DataError: a file is damaged or could not be downloaded; the message says what to do.
     """
     folder = Path(data_dir)
-    paths = {name: _find_or_download(folder, name, log) for name in MNIST_FILES}
+    paths = {name: _local_file(folder, name, log) for name in MNIST_FILES}
+    for name in [name for name, path in paths.items() if path is None]:
+        log(f"downloading {name} to {folder}/")
+        paths[name] = download(name, folder)
     train = _images_and_labels(paths["train-images-idx3-ubyte.gz"], paths["train-labels-idx1-ubyte.gz"])
     test = _images_and_labels(paths["t10k-images-idx3-ubyte.gz"], paths["t10k-labels-idx1-ubyte.gz"])
     return Dataset(*train, *test)

@@ -49,6 +49,12 @@ def write_mnist(folder: Path, n_train: int = 600, n_test: int = 200, compress: b
     return folder
 
 
+@pytest.fixture(autouse=True)
+def no_public_mirrors(monkeypatch):
+    """Tests never reach a public host: unless a test sets its own, the only mirror is a closed local port."""
+    monkeypatch.setenv("MNIST_MIRRORS", "http://127.0.0.1:9/")
+
+
 @pytest.fixture
 def mnist_dir(tmp_path):
     return write_mnist(tmp_path / "data")

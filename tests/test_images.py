@@ -1,0 +1,171 @@
+"""Checkpoints and predict_digit on a user's own pictures."""
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+import mnist_jax
+from mnist_jax import Config
+
+
+def render(digit: int, height: int = 40, canvas=(60, 60), at=None, stroke: int = 2, seed: int = 0) -> np.ndarray:
+    """A digit drawn with Pillow's font: white ink (255) on black, `height` px tall, anywhere in `canvas`."""
+    rng = np.random.default_rng(seed)
+    font = ImageFont.load_default(size=height)
+    glyph = Image.new("L", (2 * height, 2 * height), 0)
+    ImageDraw.Draw(glyph).text((height // 2, height // 4), str(digit), fill=255, font=font, stroke_width=stroke,
+                               stroke_fill=255)
+    glyph = glyph.crop(glyph.getbbox())
+    glyph = glyph.rotate(float(rng.uniform(-8, 8)), expand=True, resample=Image.BILINEAR)
+    image = Image.new("L", canvas, 0)
+    if at is None:
+        at = (int(rng.integers(0, max(1, canvas[0] - glyph.width))), int(rng.integers(0, max(1, canvas[1] - glyph.height))))
+    image.paste(glyph, at)
+    return np.asarray(image)
+
+
+@pytest.fixture(scope="module")
+def font_model(tmp_path_factory):
+    """A small MLP trained on font digits that went through `preprocess`, saved as a checkpoint."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 1500).astype(np.uint8)
+    images = np.stack([
+        (mnist_jax.preprocess(render(int(d), int(rng.integers(24, 48)), stroke=int(rng.integers(1, 4)), seed=i))
+         * 255).astype(np.uint8) for i, d in enumerate(labels)])
+    data = mnist_jax.Dataset(images[:1200], labels[:1200], images[1200:], labels[1200:])
+    out = tmp_path_factory.mktemp("font_model")
+    run = mnist_jax.train(Config(hidden=(128,), epochs=8, dropout=0.0), data, out=out, log=lambda _: None)
+    assert run.epochs[-1]["test_accuracy"] > 0.9
+    return out / "params.npz"
+
+
+def paper_photo(ink: np.ndarray) -> np.ndarray:
+    """White-ink-on-black -> dark ink on light grey paper, as a phone photo of a page looks."""
+    return (230 - ink.astype(np.float32) * 0.8).astype(np.uint8)
+
+
+VARIANTS = {
+    "dark on paper": lambda d, s: paper_photo(render(d, 40, seed=s)),
+    "light on dark": lambda d, s: render(d, 40, seed=s),
+    "rgba, transparent paper": lambda d, s: np.dstack([np.zeros((60, 60, 3), np.uint8) + 20, render(d, 40, seed=s)]),
+    "off centre, big frame": lambda d, s: paper_photo(render(d, 60, canvas=(300, 200), at=(220, 120), seed=s)),
+    "tiny": lambda d, s: paper_photo(render(d, 14, canvas=(24, 24), stroke=1, seed=s)),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_predict_digit_reads_drawn_digits(font_model, variant):
+    ckpt = mnist_jax.load_params(font_model)
+    right = sum(mnist_jax.predict_digit(VARIANTS[variant](d, 100 + d), ckpt) == d for d in range(10))
+    assert right >= 9, f"{variant}: {right}/10"
+
+
+def test_predict_digit_takes_paths_and_pil_images(font_model, tmp_path):
+    picture = Image.fromarray(paper_photo(render(3, 40, seed=7))).convert("RGB")
+    picture.save(tmp_path / "three.jpg", quality=90)
+    ckpt = mnist_jax.load_params(font_model)
+    assert mnist_jax.predict_digit(tmp_path / "three.jpg", ckpt) == 3
+    assert mnist_jax.predict_digit(str(tmp_path / "three.jpg"), str(font_model)) == 3
+    assert mnist_jax.predict_digit(picture, ckpt) == 3
+    probs = mnist_jax.predict_probabilities(picture, ckpt)
+    assert probs.shape == (10,) and abs(probs.sum() - 1) < 1e-5 and probs.argmax() == 3
+
+
+def test_default_checkpoint_is_runs_params(font_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(mnist_jax.CheckpointError, match=r"no checkpoint at runs/params.npz.*python mnist_jax.py"):
+        mnist_jax.predict_digit(render(1))
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "params.npz").write_bytes(font_model.read_bytes())
+    assert mnist_jax.predict_digit(paper_photo(render(5, seed=3))) == 5
+
+
+def test_preprocess_matches_mnist_layout():
+    photo = paper_photo(render(2, 90, canvas=(400, 300), at=(250, 10)))
+    digit = mnist_jax.preprocess(photo)
+    assert digit.shape == (28, 28) and digit.dtype == np.float32
+    assert digit.max() == pytest.approx(1, abs=0.05) and digit.min() == 0
+    rows, cols = np.nonzero(digit > 0.05)
+    assert max(rows.max() - rows.min(), cols.max() - cols.min()) + 1 <= 21  # fits 20x20 (+1 for anti-aliasing)
+    ys, xs = np.indices(digit.shape)
+    assert abs((ys * digit).sum() / digit.sum() - 14) < 1 and abs((xs * digit).sum() / digit.sum() - 14) < 1
+
+
+def test_same_digit_any_polarity_or_size_preprocesses_alike():
+    base = mnist_jax.preprocess(render(4, 40, seed=1))
+    for other in (paper_photo(render(4, 40, seed=1)), render(4, 40, canvas=(60, 60), seed=1)[::1] * 0.5,
+                  np.asarray(Image.fromarray(render(4, 40, seed=1)).resize((180, 180), Image.BICUBIC))):
+        assert np.corrcoef(base.ravel(), mnist_jax.preprocess(other).ravel())[0, 1] > 0.9
+
+
+@pytest.mark.parametrize("image, message", [
+    (np.full((50, 50), 200, np.uint8), "blank"),
+    (np.random.default_rng(0).normal(128, 3, (50, 50)).clip(0, 255).astype(np.uint8), "blank"),
+    (np.zeros((5, 5, 2)), "shape"),
+    (np.full((4, 4), np.nan), "NaN"),
+])
+def test_unusable_images_get_a_clear_error(image, message):
+    with pytest.raises(mnist_jax.ImageError, match=message):
+        mnist_jax.preprocess(image)
+
+
+def test_missing_unreadable_and_huge_files(tmp_path, monkeypatch):
+    with pytest.raises(mnist_jax.ImageError, match="no image file at .*nothing.png"):
+        mnist_jax.preprocess(tmp_path / "nothing.png")
+    (tmp_path / "notes.png").write_text("this is text, not a picture")
+    with pytest.raises(mnist_jax.ImageError, match="notes.png is not an image"):
+        mnist_jax.preprocess(tmp_path / "notes.png")
+    Image.fromarray(render(1)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 60x60 = 3,600 pixels is "too large" now
+    with pytest.raises(mnist_jax.ImageError, match="big.png is too large"):
+        mnist_jax.preprocess(tmp_path / "big.png")
+
+
+# --- checkpoints ---------------------------------------------------------------
+
+def test_checkpoint_round_trip_keeps_predictions(font_model, tmp_path):
+    ckpt = mnist_jax.load_params(font_model)
+    x = mnist_jax.preprocess(render(8)).reshape(1, 784)
+    run = mnist_jax.Run(ckpt.config, ckpt.net, ckpt.params, ckpt.stats)
+    mnist_jax.save_checkpoint(tmp_path, run)
+    again = mnist_jax.load_params(tmp_path / "params.npz")
+    assert again.config == ckpt.config and again.net == ckpt.net
+    np.testing.assert_array_equal(mnist_jax.predict(again.net, again.params, again.stats, x),
+                                  mnist_jax.predict(ckpt.net, ckpt.params, ckpt.stats, x))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "params.npz"]  # no temp files left
+
+
+def test_batchnorm_statistics_are_saved(tmp_path):
+    from conftest import pattern_digits
+    data = mnist_jax.Dataset(*pattern_digits(256, 0), *pattern_digits(64, 1))
+    run = mnist_jax.train(Config(hidden=(16,), epochs=1, batchnorm=True), data, out=tmp_path, log=lambda _: None)
+    ckpt = mnist_jax.load_params(tmp_path / "params.npz")
+    np.testing.assert_array_equal(ckpt.stats[1]["mean"], run.stats[1]["mean"])
+    assert float(np.abs(ckpt.stats[1]["mean"]).sum()) > 0  # really the running averages, not the initial zeros
+
+
+def test_bad_checkpoints_are_named(font_model, tmp_path):
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(font_model.read_bytes()[:500])
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, weights=np.zeros(3))
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, format=np.array([{"evil": 1}], dtype=object))
+    text = tmp_path / "text.npz"
+    text.write_text("hello")
+    for path, message in ((cut, "not a readable"), (foreign, "not a mnist_jax checkpoint"),
+                          (pickled, "not a readable"), (text, "not a readable")):
+        with pytest.raises(mnist_jax.CheckpointError, match=message) as err:
+            mnist_jax.load_params(path)
+        assert str(path) in str(err.value)
+
+
+def test_checkpoint_with_mismatched_shapes_is_refused(font_model, tmp_path):
+    import json
+    with np.load(font_model) as f:
+        arrays = {k: f[k] for k in f.files}
+    config = json.loads(str(arrays["config"]))
+    config["hidden"] = [64]
+    arrays["config"] = np.array(json.dumps(config))
+    np.savez(tmp_path / "edited.npz", **arrays)
+    with pytest.raises(mnist_jax.CheckpointError, match="has shape"):
+        mnist_jax.load_params(tmp_path / "edited.npz")
