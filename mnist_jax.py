@@ -16,11 +16,11 @@ Then, in Python:
 
 Other classic setups (README.md has the table with measured accuracy and time):
 
-    python mnist_jax.py --hidden 128 --batch-size 1 --lr 0.01 --momentum 0 # per-sample SGD
-    python mnist_jax.py --hidden 1024,1024 --activation tanh --lr 0.001 --momentum 0  # the lab net
+    python mnist_jax.py --hidden 128 --batch-size 1 --lr 0.01 --momentum 0 --dropout 0 --epochs 3
+    python mnist_jax.py --hidden 1024,1024 --activation tanh --lr 0.001 --momentum 0 --dropout 0 --epochs 10
     python mnist_jax.py --hidden 128,100 --batchnorm --dropout 0.2 --weight-decay 1e-4
-    python mnist_jax.py --model resmlp       # a skip connection
-    python mnist_jax.py --model cnn          # a small convolutional network
+    python mnist_jax.py --model resmlp --hidden 256,256,256   # skip connections
+    python mnist_jax.py --model cnn --epochs 3 --batch-size 32 # a convolutional network
     python mnist_jax.py --grad manual        # backprop written by hand instead of jax.grad
 
 Measured (README.md has the details): RESULTS_PLACEHOLDER
@@ -355,7 +355,7 @@ def _local_file(folder: Path, name: str, log: Callable[[str], Any]) -> Path | No
             read_idx(candidate)  # a damaged or foreign file is reported now, before any download
             size, md5 = MNIST_FILES[name]
             if candidate.suffix != ".gz" or candidate.stat().st_size != size or _md5(candidate) != md5:
-                log(f"note: {candidate} is not the published file (its MD5 differs); "
+                log(f"note: {candidate} is not the published file (its size or MD5 differ); "
                     "using it as your own IDX file since it parses")
             return candidate
     return None

@@ -1,0 +1,203 @@
+"""Speed of mnist_jax, measured against references run in the same process (not a test).
+
+    MNIST_DATA_DIR=../shared/mnist python tests/benchmark.py            # everything (about 10 minutes)
+    MNIST_DATA_DIR=../shared/mnist python tests/benchmark.py mlp cnn    # some parts: mlp, default, cnn, manual
+
+Prints, on the real training images:
+  mlp      steady-state seconds per epoch and samples/s of 784-1024-1024-10 tanh and 784-128-10 relu at
+           batch 128, the GFLOP/s they achieve against a matrix multiply timed here, and the same models in
+           PyTorch eager (when torch is installed) as a ratio: jax time / torch time (lower is faster).
+  default  the default run's time to 97.5% test accuracy.
+  cnn      the CNN's epoch against PyTorch eager's for the same network.
+  manual   --grad manual against --grad auto: seconds per epoch and accuracy.
+Timings leave out compilation. Each figure is the median of several epochs, with JAX and PyTorch
+alternating so that a busy machine slows both alike.
+"""
+import os
+import platform
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import mnist_jax  # noqa: E402
+from mnist_jax import Config  # noqa: E402
+
+try:
+    import torch
+except ImportError:
+    torch = None
+
+REPEATS = 3  # epochs timed per framework, after one warm-up epoch
+
+
+def load():
+    folder = os.environ.get("MNIST_DATA_DIR", "data")
+    data = mnist_jax.load_mnist(folder, log=lambda _: None)
+    print(f"data: {folder}, {len(data.train_images):,} training and {len(data.test_images):,} test images")
+    return data
+
+
+class JaxEpoch:
+    """One compiled training epoch of mnist_jax, callable again and again."""
+
+    def __init__(self, cfg, data):
+        self.net = mnist_jax.build_net(cfg)
+        self.params, self.stats = mnist_jax.init_params(jax.random.key(0), self.net)
+        self.velocity = jax.tree.map(jnp.zeros_like, self.params)
+        self.x = jnp.asarray(mnist_jax.as_inputs(data.train_images))
+        self.y = jnp.asarray(data.train_labels.astype(np.int32))
+        self.steps = len(self.x) // cfg.batch_size
+        self.hyper = mnist_jax.Hyper(jnp.float32(cfg.lr), jnp.float32(cfg.momentum), jnp.float32(cfg.weight_decay))
+        self.fn = jax.jit(partial(mnist_jax.train_epoch, self.net, cfg.grad, cfg.batch_size))
+        self.epoch = 0
+
+    def __call__(self):
+        self.epoch += 1
+        out = self.fn(self.params, self.stats, self.velocity, self.x, self.y, jax.random.key(self.epoch),
+                      0, 10 * self.steps, self.hyper)
+        jax.block_until_ready(out)
+        self.params, self.stats, self.velocity = out[:3]
+
+
+class TorchEpoch:
+    """The same network and SGD in PyTorch eager, written the usual way."""
+
+    def __init__(self, cfg, data):
+        nn = torch.nn
+        torch.manual_seed(0)
+        if cfg.model == "mlp":
+            layers, n = [], 784
+            for h in cfg.hidden:
+                layers += [nn.Linear(n, h), nn.Tanh() if cfg.activation == "tanh" else nn.ReLU()]
+                if cfg.dropout:
+                    layers.append(nn.Dropout(cfg.dropout))
+                n = h
+            self.model = nn.Sequential(*layers, nn.Linear(n, 10))
+        else:  # the cnn preset of mnist_jax.build_net
+            self.model = nn.Sequential(
+                nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(1600, 128), nn.ReLU(),
+                nn.Dropout(cfg.dropout), nn.Linear(128, 10))
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+        self.x = torch.from_numpy(mnist_jax.as_inputs(data.train_images))
+        self.y = torch.from_numpy(data.train_labels.astype(np.int64))
+        self.batch = cfg.batch_size
+
+    def __call__(self):
+        self.model.train()
+        order = torch.randperm(len(self.x))
+        for i in range(len(self.x) // self.batch):
+            idx = order[i * self.batch:(i + 1) * self.batch]
+            self.opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(self.model(self.x[idx]), self.y[idx])
+            loss.backward()
+            self.opt.step()
+
+
+def timed(epoch_fns, repeats=REPEATS):
+    """Median seconds per epoch of each callable, after a warm-up epoch; the callables take turns."""
+    for fn in epoch_fns:
+        fn()
+    times = [[] for _ in epoch_fns]
+    for _ in range(repeats):
+        for fn, t in zip(epoch_fns, times):
+            start = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def matmul_gflops(n=1024, m=128):
+    """GFLOP/s of a jitted float32 (m x n) @ (n x n) matrix multiply, the shape a 1024-wide layer does."""
+    a = jnp.ones((m, n), jnp.float32)
+    b = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a, b: jax.lax.fori_loop(0, 200, lambda i, c: (c @ b) * 1e-3, a))
+    jax.block_until_ready(f(a, b))
+    start = time.perf_counter()
+    jax.block_until_ready(f(a, b))
+    return 200 * 2 * m * n * n / (time.perf_counter() - start) / 1e9
+
+
+def mlp_flops_per_sample(sizes):
+    """Multiply-adds x 2 for the forward pass, x 2 again for each of dW and dx (no dx for the input layer)."""
+    pairs = list(zip(sizes[:-1], sizes[1:]))
+    return sum(2 * a * b * 3 for a, b in pairs) - 2 * pairs[0][0] * pairs[0][1]
+
+
+def bench_mlp(data):
+    peak = matmul_gflops()
+    print(f"\nmatmul (128x1024 @ 1024x1024, float32, jitted): {peak:.1f} GFLOP/s")
+    print(f"{'model':28s} {'jax s/epoch':>11s} {'samples/s':>10s} {'GFLOP/s':>8s} {'of matmul':>9s}"
+          f" {'torch s/epoch':>13s} {'jax/torch':>9s}")
+    for name, cfg, target in (
+            ("784-1024-1024-10 tanh", Config(hidden=(1024, 1024), activation="tanh", dropout=0.0), 0.8),
+            ("784-128-10 relu", Config(hidden=(128,), dropout=0.0), 0.5)):
+        fns = [JaxEpoch(cfg, data)] + ([TorchEpoch(cfg, data)] if torch else [])
+        times = timed(fns)
+        samples = fns[0].steps * cfg.batch_size
+        gflops = mlp_flops_per_sample([784, *cfg.hidden, 10]) * samples / times[0] / 1e9
+        line = f"{name:28s} {times[0]:11.3f} {samples / times[0]:10,.0f} {gflops:8.1f} {gflops / peak:9.0%}"
+        if torch:
+            ratio = times[0] / times[1]
+            line += f" {times[1]:13.3f} {ratio:9.2f}  (target <= {target}: {'met' if ratio <= target else 'MISSED'})"
+        print(line)
+
+
+def bench_default(data):
+    lines = []
+    start = time.perf_counter()
+    run = mnist_jax.train(Config(), data, log=lines.append)
+    total = time.perf_counter() - start
+    elapsed, reached = 0.0, None
+    for record in run.epochs:
+        elapsed += record["seconds"]
+        if record["test_accuracy"] >= 0.975 and reached is None:
+            reached = (record["epoch"], elapsed)
+    print(f"\ndefault run ({mnist_jax.describe(run.net)}, {len(run.epochs)} epochs): "
+          f"final test accuracy {run.epochs[-1]['test_accuracy']:.4f}; compile {run.compile_seconds:.1f} s; "
+          f"whole run {total:.1f} s including data transfer and evaluation")
+    if reached:
+        print(f"  reached 97.5% after epoch {reached[0]}: {reached[1]:.1f} s of training (compilation excluded)")
+    else:
+        print("  did not reach 97.5%")
+
+
+def bench_cnn(data):
+    cfg = Config(model="cnn")
+    fns = [JaxEpoch(cfg, data)] + ([TorchEpoch(cfg, data)] if torch else [])
+    times = timed(fns, repeats=2)
+    line = f"\ncnn (conv32-pool-conv64-pool-128, batch 128): jax {times[0]:.2f} s/epoch"
+    if torch:
+        line += (f", torch eager {times[1]:.2f} s/epoch, jax/torch {times[0] / times[1]:.2f} "
+                 f"(target <= 1.0: {'met' if times[0] <= times[1] else 'MISSED'})")
+    print(line)
+
+
+def bench_manual(data):
+    print(f"\n{'model':26s} {'auto s/epoch':>12s} {'manual s/epoch':>14s} {'manual/auto':>11s}")
+    for name, cfg in (("mlp (default)", Config()), ("mlp batchnorm+dropout", Config(hidden=(128, 100), batchnorm=True)),
+                      ("resmlp", Config(model="resmlp", hidden=(256, 256, 256))), ("cnn", Config(model="cnn"))):
+        auto, manual = timed([JaxEpoch(cfg, data), JaxEpoch(Config(**{**cfg.to_json(), "grad": "manual"}), data)],
+                             repeats=2 if cfg.model == "cnn" else REPEATS)
+        print(f"{name:26s} {auto:12.3f} {manual:14.3f} {manual / auto:11.2f}  "
+              f"(target <= 1.2: {'met' if manual / auto <= 1.2 else 'MISSED'})")
+
+
+PARTS = {"mlp": bench_mlp, "default": bench_default, "cnn": bench_cnn, "manual": bench_manual}
+
+if __name__ == "__main__":
+    chosen = sys.argv[1:] or list(PARTS)
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; python {platform.python_version()}, "
+          f"jax {jax.__version__} on {jax.default_backend()}" + (f", torch {torch.__version__} "
+                                                                 f"({torch.get_num_threads()} threads)" if torch else
+                                                                 ", torch not installed"))
+    data = load()
+    for part in chosen:
+        PARTS[part](data)
