@@ -14,12 +14,14 @@ from conftest import ROOT
 
 
 def run_cli(*args, cwd=None, env=None):
+    """Run the CLI in a subprocess; `env` adds variables, or removes those it maps to None."""
+    full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
     return subprocess.run([sys.executable, str(ROOT / "mnist_jax.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, env={**os.environ, **(env or {})}, timeout=300)
+                          text=True, cwd=cwd, env=full_env, timeout=300)
 
 
 def test_help_lists_every_flag_with_its_default():
-    result = run_cli("--help")
+    result = run_cli("--help", env={"MNIST_DATA_DIR": None})
     assert result.returncode == 0
     for flag in ("--data-dir", "--out", "--epochs", "--batch-size", "--lr", "--momentum", "--hidden", "--activation",
                  "--seed", "--model", "--batchnorm", "--dropout", "--weight-decay", "--grad", "--no-plots",

@@ -123,7 +123,7 @@ def test_whole_loop_learns_small_data(tmp_path, grad):
 
 
 def test_per_sample_sgd_runs_compiled():
-    cfg = Config(hidden=(32,), epochs=1, batch_size=1, lr=0.01, momentum=0.0)
+    cfg = Config(hidden=(32,), epochs=1, batch_size=1, lr=0.01, momentum=0.0, dropout=0.0)
     run = mnist_jax.train(cfg, pattern_data(300, 100), log=lambda _: None)
     assert run.epochs[-1]["test_accuracy"] > 0.9
 
