@@ -1291,12 +1291,15 @@ def save_preprocessing_figure(path: str | os.PathLike, image_name: str, steps: d
 # =============================================================================
 
 def _train_command(cfg: Config) -> int:
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; give a folder for params.npz and metrics.json.")
+    out.mkdir(parents=True, exist_ok=True)  # fail now, not after training, if it cannot be made
     data = load_mnist(cfg.data_dir)
     if cfg.dry_run:
         data = Dataset(data.train_images[:1000], data.train_labels[:1000], data.test_images[:1000],
                        data.test_labels[:1000])
         cfg = dataclasses.replace(cfg, epochs=1)
-    out = Path(cfg.out)
     try:
         run = train(cfg, data, out=out)
     except KeyboardInterrupt:
@@ -1359,6 +1362,9 @@ def main(argv: list[str] | None = None) -> int:
         return _train_command(Config(**vars(args)))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the file system said no: a folder that cannot be written, a full disk
+        print(f"error: {e.strerror or e} ({e.filename or 'file system'})", file=sys.stderr)
         return 1
 
 

@@ -102,6 +102,13 @@ def test_user_errors_exit_nonzero_without_traceback(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr and "no checkpoint at" in result.stderr
 
 
+def test_out_must_be_a_folder(mnist_dir, tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file of the user's")
+    code = mnist_jax.main(["--data-dir", str(mnist_dir), "--out", str(tmp_path / "taken"), "--dry-run"])
+    assert code == 1 and "is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "taken").read_text() == "a file of the user's"
+
+
 def test_divergence_exits_nonzero(mnist_dir, tmp_path, capsys):
     code = mnist_jax.main(["--data-dir", str(mnist_dir), "--out", str(tmp_path), "--dry-run", "--lr", "1e30",
                            "--momentum", "0"])
