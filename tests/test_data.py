@@ -161,3 +161,19 @@ def test_all_mirrors_failing_is_one_clear_cli_error(tmp_path, server, published,
     err = capsys.readouterr().err
     assert code != 0 and "Traceback" not in err
     assert f"{server.url}/html/" in err and f"{server.url}/missing/" in err and "by hand" in err
+
+
+def test_mirror_without_a_scheme_is_named(tmp_path):
+    with pytest.raises(mnist_jax.DataError, match="mirror.example/x/t10k-labels-idx1-ubyte.gz: not a usable URL"):
+        mnist_jax.download("t10k-labels-idx1-ubyte.gz", tmp_path, ["mirror.example/x/"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_written_files_follow_the_umask(tmp_path, server, published):
+    import os
+    old = os.umask(0o022)
+    try:
+        path = mnist_jax.download("t10k-labels-idx1-ubyte.gz", tmp_path, [f"{server.url}/good/"])
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644

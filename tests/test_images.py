@@ -169,3 +169,36 @@ def test_checkpoint_with_mismatched_shapes_is_refused(font_model, tmp_path):
     np.savez(tmp_path / "edited.npz", **arrays)
     with pytest.raises(mnist_jax.CheckpointError, match="has shape"):
         mnist_jax.load_params(tmp_path / "edited.npz")
+
+
+def test_ink_touching_the_border_keeps_its_polarity():
+    """A thick 0 cropped tight: most of the border is ink, but most of the image is still paper."""
+    photo = np.full((40, 30), 235, np.uint8)
+    yy, xx = np.mgrid[:40, :30]
+    ring = np.abs(np.hypot((yy - 19.5) / 19.5, (xx - 14.5) / 14.5) - 0.8) < 0.2
+    photo[ring] = 20
+    digit = mnist_jax.preprocess(photo)
+    assert digit[14, 14] < 0.2 and digit.max() > 0.9  # the hole stays empty, the ring is the ink
+
+
+def test_thin_stroke_in_a_large_photo_is_not_blank():
+    photo = np.full((1500, 1500), 220, np.uint8)
+    photo[500:1000, 748:752] = 30  # a 4-pixel-wide "1", far under 0.1% of the pixels
+    assert mnist_jax.preprocess(photo).max() > 0.9
+
+
+def test_16_bit_images(tmp_path):
+    ink = render(7, 40, seed=2).astype(np.uint16) * 257
+    Image.fromarray(65535 - ink).save(tmp_path / "deep.png")  # 16-bit grey PNG, dark on light
+    expected = mnist_jax.preprocess(render(7, 40, seed=2))
+    for image in (tmp_path / "deep.png", 65535 - ink):
+        assert np.corrcoef(expected.ravel(), mnist_jax.preprocess(image).ravel())[0, 1] > 0.95
+
+
+def test_sideways_phone_photo_is_turned_upright(tmp_path):
+    upright = Image.fromarray(paper_photo(render(7, 40, seed=4)))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the camera was turned; viewers rotate it back
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    expected = mnist_jax.preprocess(upright)
+    assert np.corrcoef(expected.ravel(), mnist_jax.preprocess(tmp_path / "phone.jpg").ravel())[0, 1] > 0.9
