@@ -1101,8 +1101,8 @@ def load_image(image) -> np.ndarray:
         raise ImageError(f"cannot read an array of {array.dtype} values as an image") from None
     if array.ndim == 3 and array.shape[-1] in (3, 4):
         if array.shape[-1] == 4:  # composite on white
-            alpha = array[..., 3:] / (255.0 if array.max() > 1 else 1.0)
-            peak = 255.0 if array.max() > 1 else 1.0
+            peak = 255.0 if array.max() > 1 else 1.0  # 0-255 or 0-1 values
+            alpha = array[..., 3:] / peak
             array = array[..., :3] * alpha + peak * (1 - alpha)
         array = array[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)
     if array.ndim != 2 or min(array.shape) < 1:
