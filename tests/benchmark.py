@@ -19,7 +19,6 @@ import platform
 import statistics
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import jax
@@ -52,17 +51,23 @@ class JaxEpoch:
         self.net = mnist_jax.build_net(cfg)
         self.params, self.stats = mnist_jax.init_params(jax.random.key(0), self.net)
         self.velocity = jax.tree.map(jnp.zeros_like, self.params)
-        self.x = jnp.asarray(mnist_jax.as_inputs(data.train_images))
+        self.x = jnp.asarray(data.train_images)  # bytes, as mnist_jax.train keeps them
         self.y = jnp.asarray(data.train_labels.astype(np.int32))
         self.steps = len(self.x) // cfg.batch_size
-        self.hyper = mnist_jax.Hyper(jnp.float32(cfg.lr), jnp.float32(cfg.momentum), jnp.float32(cfg.weight_decay))
-        self.fn = jax.jit(partial(mnist_jax.train_epoch, self.net, cfg.grad, cfg.batch_size))
+        self.shuffler = np.random.default_rng(0)
         self.epoch = 0
+        self.fn = mnist_jax.compile_epoch(self.net, cfg.grad, cfg.batch_size,
+                                          mnist_jax.Hyper(cfg.lr, cfg.momentum, cfg.weight_decay),
+                                          *self.arguments())
+
+    def arguments(self):  # as mnist_jax.train passes them: the shuffle drawn on the host
+        order = jnp.asarray(self.shuffler.permutation(len(self.x)).astype(np.int32))
+        return (self.params, self.stats, self.velocity, self.x, self.y, order, jax.random.key(self.epoch),
+                0, 10 * self.steps)
 
     def __call__(self):
         self.epoch += 1
-        out = self.fn(self.params, self.stats, self.velocity, self.x, self.y, jax.random.key(self.epoch),
-                      0, 10 * self.steps, self.hyper)
+        out = self.fn(*self.arguments())
         jax.block_until_ready(out)
         self.params, self.stats, self.velocity = out[:3]
 

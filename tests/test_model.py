@@ -82,7 +82,7 @@ def test_log_softmax_is_stable_and_normalised():
 
 def test_loss_and_accuracy_on_known_values():
     net = (("dense", 10),)
-    params = [{"w": jnp.zeros((784, 10)), "b": jnp.arange(10.0)}]  # always says 9
+    params = [{"w": jnp.zeros((10, 784)), "b": jnp.arange(10.0)}]  # always says 9
     images, _ = random_batch(4)
     labels = jnp.array([9, 9, 0, 1])
     assert float(mnist_jax.accuracy(net, params, [{}], images, labels)) == 0.5
@@ -101,11 +101,32 @@ def test_sgd_steps_lower_the_loss():
     velocity = jax.tree.map(jnp.zeros_like, params)
     data = pattern_data()
     x, y = jnp.asarray(mnist_jax.as_inputs(data.train_images[:128])), jnp.asarray(data.train_labels[:128], jnp.int32)
-    hyper = mnist_jax.Hyper(jnp.float32(0.05), jnp.float32(0.9), jnp.float32(0.0))
     before = float(mnist_jax.loss(net, params, stats, x, y))
     for i in range(10):
-        params, stats, velocity, _, _ = mnist_jax.update(net, params, stats, velocity, x, y, jax.random.key(i), hyper)
+        params, stats, velocity, _, _ = mnist_jax.update(net, params, stats, velocity, x, y, jax.random.key(i),
+                                                         jnp.float32(0.05), momentum=0.9)
     assert float(mnist_jax.loss(net, params, stats, x, y)) < 0.5 * before
+
+
+def test_weight_decay_adds_the_l2_gradient():
+    """One step from zero velocity: param <- param - lr * (gradient + weight_decay * param)."""
+    net = mnist_jax.build_net(Config(hidden=(8,), dropout=0.0))
+    params, stats = mnist_jax.init_params(jax.random.key(0), net)
+    velocity = jax.tree.map(jnp.zeros_like, params)
+    x, y = random_batch()
+    lr, wd = jnp.float32(0.1), 0.5
+    plain = mnist_jax.update(net, params, stats, velocity, x, y, jax.random.key(1), lr, 0.9, 0.0)[0]
+    decayed = mnist_jax.update(net, params, stats, velocity, x, y, jax.random.key(1), lr, 0.9, wd)[0]
+    for p, a, b in zip(jax.tree.leaves(params), jax.tree.leaves(plain), jax.tree.leaves(decayed)):
+        np.testing.assert_allclose(a - b, lr * wd * p, atol=1e-6)
+
+
+def test_as_inputs_scales_bytes_the_same_on_host_and_device():
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    host = mnist_jax.as_inputs(images)
+    assert host.dtype == np.float32 and host.shape == (5, 784) and host.max() <= 1.0
+    np.testing.assert_allclose(host, images.reshape(5, 784) / 255, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(mnist_jax.as_inputs(jnp.asarray(images))), host)
 
 
 @pytest.mark.parametrize("grad", ["auto", "manual"])
@@ -153,7 +174,8 @@ def test_divergence_in_a_later_epoch_keeps_the_earlier_checkpoint(tmp_path, monk
     def poisoned(*args):  # the second epoch's loss is NaN, as if the step size had blown up
         out = real_epoch(*args)
         calls.append(1)
-        return out[:3] + (jnp.where(args[9] > 0, jnp.nan, out[3]),) + out[4:]
+        step0 = args[11]  # net, grad, batch_size, hyper, params, stats, velocity, x, y, order, key, step0
+        return out[:3] + (jnp.where(step0 > 0, jnp.nan, out[3]),) + out[4:]
 
     monkeypatch.setattr(mnist_jax, "train_epoch", poisoned)
     with pytest.raises(mnist_jax.Diverged, match="epoch 2.*after epoch 1 are kept in"):
