@@ -437,20 +437,19 @@ def as_inputs(images):
 # there for --grad manual and for a learner to read the calculus.
 
 def dense_init(key, layer, in_shape):
-    """W has one row per output unit (as in PyTorch's nn.Linear): row j holds unit j's input weights.
-    They are scaled by 1/sqrt(fan-in) so that each output starts with about unit variance."""
+    """Weights scaled by 1/sqrt(fan-in) so that each output starts with about unit variance."""
     (n_in,), n_out = in_shape, layer[1]
-    w = jax.random.normal(key, (n_out, n_in), jnp.float32) / np.sqrt(n_in)
+    w = jax.random.normal(key, (n_in, n_out), jnp.float32) / np.sqrt(n_in)
     return {"w": w, "b": jnp.zeros(n_out, jnp.float32)}, {}, (n_out,)
 
 
 def dense_forward(layer, p, s, x, train, key):
-    return x @ p["w"].T + p["b"], s, x
+    return x @ p["w"] + p["b"], s, x
 
 
 def dense_backward(layer, p, x, dy):
-    """y = x W^T + b  =>  dL/dW = dy^T x,  dL/db = sum over the batch of dy,  dL/dx = dy W."""
-    return {"w": dy.T @ x, "b": dy.sum(0)}, dy @ p["w"]
+    """y = x W + b  =>  dL/dW = x^T dy,  dL/db = sum over the batch of dy,  dL/dx = dy W^T."""
+    return {"w": x.T @ dy, "b": dy.sum(0)}, dy @ p["w"].T
 
 
 def no_params(key, layer, in_shape):
@@ -798,8 +797,11 @@ def update(net, params, stats, velocity, images, labels, key, lr, momentum=0.9, 
     value, stats, log_probs, grads = GRADIENTS[grad](net, params, stats, images, labels, key)
     if weight_decay:  # known when compiling: without it the step reads every weight one time fewer
         grads = jax.tree.map(lambda g, p: g + weight_decay * p, grads, params)
-    velocity = jax.tree.map(lambda v, g: momentum * v + g, velocity, grads)
-    params = jax.tree.map(lambda p, v: p - lr * v, params, velocity)
+    if momentum:
+        velocity = jax.tree.map(lambda v, g: momentum * v + g, velocity, grads)
+        params = jax.tree.map(lambda p, v: p - lr * v, params, velocity)
+    else:  # plain SGD: param <- param - lr * g, with no velocity to read or write
+        params = jax.tree.map(lambda p, g: p - lr * g, params, grads)
     correct = (log_probs.argmax(axis=1) == labels).sum()
     return params, stats, velocity, value, correct
 
@@ -1006,7 +1008,7 @@ def format_report(report: dict) -> str:
 # Checkpoints: params.npz and metrics.json, written atomically
 # =============================================================================
 
-CHECKPOINT_FORMAT = "mnist_jax checkpoint 2"  # 2: dense weights stored (out, in); 1 had (in, out)
+CHECKPOINT_FORMAT = "mnist_jax checkpoint 1"
 
 
 def _usual_permissions(path: Path) -> None:
@@ -1071,9 +1073,6 @@ def load_params(path: str | os.PathLike) -> Checkpoint:
             arrays = {k: f[k] for k in f.files}
     except Exception as e:  # a damaged zip, a pickle, a random file: all the same to the user
         raise CheckpointError(f"{path} is not a readable .npz checkpoint ({e.__class__.__name__}: {e}).") from None
-    if str(arrays.get("format", "")) == "mnist_jax checkpoint 1":
-        raise CheckpointError(f"{path} was written by an older mnist_jax that stored dense weights the other way "
-                              "round. Train again with `python mnist_jax.py` to get a checkpoint this version reads.")
     if str(arrays.get("format", "")) != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a mnist_jax checkpoint (it has no '{CHECKPOINT_FORMAT}' mark).")
     try:
@@ -1310,7 +1309,7 @@ def save_plots(out: str | os.PathLike, run: Run, data: Dataset) -> list[Path]:
     first = next(i for i, layer in enumerate(run.net) if layer[0] in ("dense", "conv"))
     w = np.asarray(run.params[first]["w"])
     if run.net[first][0] == "dense":   # each hidden unit's 784 input weights as a 28x28 picture
-        tiles, title = w[:64].reshape(-1, 28, 28), "First layer: input weights of 64 hidden units as 28x28 images"
+        tiles, title = w.T[:64].reshape(-1, 28, 28), "First layer: input weights of 64 hidden units as 28x28 images"
     else:                              # each filter's k x k kernel (first input channel)
         k = run.net[first][2]
         tiles, title = w.reshape(k, k, -1, w.shape[-1])[:, :, 0].transpose(2, 0, 1)[:100], \

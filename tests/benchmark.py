@@ -34,7 +34,7 @@ try:
 except ImportError:
     torch = None
 
-REPEATS = 3  # epochs timed per framework, after one warm-up epoch
+REPEATS = 5  # epochs timed per framework, after one warm-up epoch
 
 
 def load():
@@ -153,6 +153,8 @@ def bench_mlp(data):
         if torch:
             ratio = times[0] / times[1]
             line += f" {times[1]:13.3f} {ratio:9.2f}  (target <= {target}: {'met' if ratio <= target else 'MISSED'})"
+            needed = gflops * ratio / target  # the GFLOP/s at which this epoch would take target x torch's time
+            line += f"\n{'':28s} the target needs {needed:.0f} GFLOP/s, {needed / peak:.0%} of the matmul above"
         print(line)
 
 

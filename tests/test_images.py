@@ -159,16 +159,6 @@ def test_bad_checkpoints_are_named(font_model, tmp_path):
         assert str(path) in str(err.value)
 
 
-def test_checkpoint_of_the_older_format_asks_for_a_new_run(font_model, tmp_path):
-    """Format 1 stored dense weights (in, out); a square layer would load silently transposed."""
-    with np.load(font_model) as f:
-        arrays = {k: f[k] for k in f.files}
-    arrays["format"] = np.array("mnist_jax checkpoint 1")
-    np.savez(tmp_path / "old.npz", **arrays)
-    with pytest.raises(mnist_jax.CheckpointError, match="older mnist_jax.*Train again"):
-        mnist_jax.load_params(tmp_path / "old.npz")
-
-
 def test_checkpoint_with_mismatched_shapes_is_refused(font_model, tmp_path):
     import json
     with np.load(font_model) as f:

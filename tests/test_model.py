@@ -82,7 +82,7 @@ def test_log_softmax_is_stable_and_normalised():
 
 def test_loss_and_accuracy_on_known_values():
     net = (("dense", 10),)
-    params = [{"w": jnp.zeros((10, 784)), "b": jnp.arange(10.0)}]  # always says 9
+    params = [{"w": jnp.zeros((784, 10)), "b": jnp.arange(10.0)}]  # always says 9
     images, _ = random_batch(4)
     labels = jnp.array([9, 9, 0, 1])
     assert float(mnist_jax.accuracy(net, params, [{}], images, labels)) == 0.5
@@ -119,6 +119,19 @@ def test_weight_decay_adds_the_l2_gradient():
     decayed = mnist_jax.update(net, params, stats, velocity, x, y, jax.random.key(1), lr, 0.9, wd)[0]
     for p, a, b in zip(jax.tree.leaves(params), jax.tree.leaves(plain), jax.tree.leaves(decayed)):
         np.testing.assert_allclose(a - b, lr * wd * p, atol=1e-6)
+
+
+def test_momentum_zero_is_plain_sgd():
+    net = mnist_jax.build_net(Config(hidden=(8,), dropout=0.0))
+    params, stats = mnist_jax.init_params(jax.random.key(0), net)
+    velocity = jax.tree.map(jnp.zeros_like, params)
+    x, y = random_batch()
+    grads = jax.grad(lambda p: mnist_jax.loss(net, p, stats, x, y))(params)  # no dropout: train = eval
+    new, _, new_velocity, _, _ = mnist_jax.update(net, params, stats, velocity, x, y, jax.random.key(1),
+                                                  jnp.float32(0.1), 0.0)
+    for p, g, n in zip(jax.tree.leaves(params), jax.tree.leaves(grads), jax.tree.leaves(new)):
+        np.testing.assert_allclose(n, p - 0.1 * g, atol=1e-6)
+    assert all(not leaf.any() for leaf in jax.tree.leaves(new_velocity))  # never read, left as it was
 
 
 def test_as_inputs_scales_bytes_the_same_on_host_and_device():
