@@ -91,7 +91,8 @@ class TorchEpoch:
                 nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
                 nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(1600, 128), nn.ReLU(),
                 nn.Dropout(cfg.dropout), nn.Linear(128, 10))
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay)
         self.x = torch.from_numpy(mnist_jax.as_inputs(data.train_images))
         self.y = torch.from_numpy(data.train_labels.astype(np.int64))
         self.batch = cfg.batch_size
@@ -179,7 +180,7 @@ def bench_default(data):
 
 def bench_cnn(data):
     """The CNN as the README runs it (batch 32), with both kinds of gradient, against PyTorch eager."""
-    cfg = Config(model="cnn", batch_size=32)
+    cfg = Config(model="cnn", batch_size=32, weight_decay=5e-4)
     fns = [JaxEpoch(cfg, data), JaxEpoch(dataclasses.replace(cfg, grad="manual"), data)]
     fns += [TorchEpoch(cfg, data)] if torch else []
     times = timed(fns, repeats=2)
