@@ -87,6 +87,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive whole number, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or not math.isfinite(value):
@@ -146,7 +153,7 @@ class Config:
     momentum: float = _flag(0.9, "SGD momentum (0 = plain SGD)", type=_fraction)
     grad: str = _flag("auto", "gradients from jax.grad (auto) or from the backward pass written by hand (manual)",
                       choices=("auto", "manual"))
-    seed: int = _flag(0, "random seed: the same seed gives the same numbers", type=int)
+    seed: int = _flag(0, "random seed: the same seed gives the same numbers", type=_non_negative_int)
     plots: bool = _flag(True, "--no-plots skips the PNG plots saved in --out after training")
     dry_run: bool = _flag(False, "a quick check: 1 epoch on 1,000 training and 1,000 test images")
 
@@ -416,9 +423,8 @@ def as_inputs(images):
 
     Works on NumPy and JAX arrays alike. Training keeps its images on the
     device as bytes and converts each batch as it is used: a quarter of the
-    memory, and a quarter of the bytes to gather per step. (A multiply, not
-    / 255: XLA turns a division by a constant into this multiply anyway, and
-    writing it so gives the same bits on the host as on the device.)"""
+    memory, and a quarter of the bytes to gather per step. (A multiply by
+    1/255 rather than a division, so that host and device give the same bits.)"""
     return images.reshape(len(images), 784).astype(np.float32) * np.float32(1 / 255)
 
 
@@ -792,7 +798,9 @@ def update(net, params, stats, velocity, images, labels, key, lr, momentum=0.9, 
         param <- param - lr * v
 
     `lr` is an array, as the schedule changes it every step; `momentum` and
-    `weight_decay` are Python floats, fixed for a run and compiled in.
+    `weight_decay` are Python floats, fixed for a run and compiled in, so a
+    term that is 0 costs nothing: with momentum 0 this is plain SGD,
+    param <- param - lr * g, and `velocity` comes back as it went in.
     """
     value, stats, log_probs, grads = GRADIENTS[grad](net, params, stats, images, labels, key)
     if weight_decay:  # known when compiling: without it the step reads every weight one time fewer
@@ -858,7 +866,7 @@ def compile_epoch(net, grad, batch_size, hyper: Hyper, *example_args):
     if jax.default_backend() == "cpu":
         try:
             return lowered.compile(CPU_COMPILER_OPTIONS)
-        except Exception:  # an XLA that does not know the option: compile as usual
+        except (TypeError, RuntimeError):  # a jax or XLA that does not know the option: compile as usual
             pass
     return lowered.compile()
 
@@ -916,8 +924,8 @@ def train(cfg: Config, data: Dataset, out: str | os.PathLike | None = None,
 
     # Compile both loops before the clock starts, so the epoch times are steady state.
     started = time.perf_counter()
-    hyper = Hyper(cfg.lr, cfg.momentum, cfg.weight_decay)
-    order = jnp.arange(len(train_x), dtype=jnp.int32)
+    hyper = Hyper(float(cfg.lr), float(cfg.momentum), float(cfg.weight_decay))
+    order = jnp.arange(len(train_x), dtype=jnp.int32)  # an example: only its shape and type matter here
     epoch_fn = compile_epoch(net, cfg.grad, batch_size, hyper,
                              params, stats, velocity, train_x, train_y, order, dropout_key, 0, steps * cfg.epochs)
     eval_fn = jax.jit(partial(evaluate, net)).lower(params, stats, test_x, test_y).compile()

@@ -45,6 +45,7 @@ def test_env_changes_the_data_dir_default():
     (["--momentum", "1.5"], "--momentum"),
     (["--activation", "sigmoid"], "invalid choice"),
     (["--model", "transformer"], "invalid choice"),
+    (["--seed", "-1"], "--seed: must be 0 or a positive whole number"),  # NumPy's shuffler takes no negative seed
 ])
 def test_invalid_values_are_argparse_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -1,6 +1,7 @@
 """The network, its hand-written gradients, the SGD step and the training loop, on small data."""
 import dataclasses
 import json
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -142,6 +143,46 @@ def test_as_inputs_scales_bytes_the_same_on_host_and_device():
     np.testing.assert_array_equal(np.asarray(mnist_jax.as_inputs(jnp.asarray(images))), host)
 
 
+def epoch_inputs(n=10):
+    """A model that always says 9, and n images of which all but the last two are labelled 9."""
+    net = mnist_jax.build_net(Config(hidden=(4,), dropout=0.0))
+    params, stats = mnist_jax.init_params(jax.random.key(0), net)
+    params[-1]["b"] = jnp.arange(10.0) * 100  # the last layer's bias alone picks 9
+    images = jnp.zeros((n, 28, 28), jnp.uint8)
+    labels = jnp.asarray([9] * (n - 2) + [0, 0], jnp.int32)
+    return net, params, stats, images, labels
+
+
+def test_train_epoch_takes_batches_in_the_given_order_and_leaves_the_rest_out():
+    net, params, stats, images, labels = epoch_inputs()
+    velocity = jax.tree.map(jnp.zeros_like, params)
+    hyper = mnist_jax.Hyper(lr=1e-9, momentum=0.0, weight_decay=0.0)
+    accuracy = {}
+    for name, order in (("ones labelled 0 last", np.arange(10)), ("ones labelled 0 first", np.arange(10)[::-1])):
+        out = mnist_jax.train_epoch(net, "auto", 4, hyper, params, stats, velocity, images, labels,
+                                    jnp.asarray(order, jnp.int32), jax.random.key(0), 0, 2)
+        accuracy[name] = float(out[4])
+    # Two batches of 4: the last two images of the order sit out.
+    assert accuracy == {"ones labelled 0 last": 1.0, "ones labelled 0 first": 0.75}
+
+
+@pytest.mark.parametrize("options", [None, {"xla_cpu_no_such_option": True}])
+def test_compiled_epoch_matches_plain_jit_and_survives_an_unknown_option(monkeypatch, options):
+    if options is not None:  # an XLA that does not know the option must still train
+        monkeypatch.setattr(mnist_jax, "CPU_COMPILER_OPTIONS", options)
+    net = mnist_jax.build_net(Config(hidden=(16,), dropout=0.1))
+    params, stats = mnist_jax.init_params(jax.random.key(0), net)
+    velocity = jax.tree.map(jnp.zeros_like, params)
+    data = pattern_data(256, 8)
+    args = (params, stats, velocity, jnp.asarray(data.train_images), jnp.asarray(data.train_labels, jnp.int32),
+            jnp.asarray(np.random.default_rng(0).permutation(256), jnp.int32), jax.random.key(1), 0, 8)
+    hyper = mnist_jax.Hyper(0.05, 0.9, 1e-4)
+    compiled = mnist_jax.compile_epoch(net, "auto", 64, hyper, *args)(*args)
+    plain = jax.jit(partial(mnist_jax.train_epoch, net, "auto", 64, hyper))(*args)
+    for a, b in zip(jax.tree.leaves(compiled), jax.tree.leaves(plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("grad", ["auto", "manual"])
 def test_whole_loop_learns_small_data(tmp_path, grad):
     cfg = Config(hidden=(64,), epochs=3, grad=grad, batchnorm=True, dropout=0.1)
@@ -187,7 +228,7 @@ def test_divergence_in_a_later_epoch_keeps_the_earlier_checkpoint(tmp_path, monk
     def poisoned(*args):  # the second epoch's loss is NaN, as if the step size had blown up
         out = real_epoch(*args)
         calls.append(1)
-        step0 = args[11]  # net, grad, batch_size, hyper, params, stats, velocity, x, y, order, key, step0
+        step0 = args[-2]  # train_epoch(..., order, key, step0, total_steps)
         return out[:3] + (jnp.where(step0 > 0, jnp.nan, out[3]),) + out[4:]
 
     monkeypatch.setattr(mnist_jax, "train_epoch", poisoned)
