@@ -1252,8 +1252,10 @@ def _pyplot():
     return plt
 
 
-def _save_figure(fig, path: Path) -> None:
-    _write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
+def _save_figure(fig, path: Path, software: str | None = None) -> None:
+    metadata = {"Software": software} if software else None  # a PNG text chunk naming the writer
+    _write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight",
+                                                  metadata=metadata))
 
 
 def save_plots(out: str | os.PathLike, run: Run, data: Dataset) -> list[Path]:
@@ -1337,6 +1339,35 @@ def save_plots(out: str | os.PathLike, run: Run, data: Dataset) -> list[Path]:
     return written
 
 
+STEPS_FIGURE_MARK = "mnist_jax predict --show"  # stored in the PNGs that `predict --show` writes
+
+
+def steps_figure_path(folder: str | os.PathLike, image_path: str | os.PathLike, taken: set) -> Path:
+    """Where `predict --show` saves the picture for `image_path`: FOLDER/<name>_steps.png.
+
+    A file of that name is replaced only when an earlier `predict --show` wrote
+    it (its PNG carries STEPS_FIGURE_MARK); a user's own file, or the picture
+    of another image of the same name in this run (`taken`), is left alone and
+    the next free name is used: <name>_steps-2.png, -3, ...
+    """
+    stem = Path(image_path).stem
+    for n in range(1, 10_000):
+        path = Path(folder) / (f"{stem}_steps.png" if n == 1 else f"{stem}_steps-{n}.png")
+        if path not in taken and (not path.exists() or _has_steps_mark(path)):
+            taken.add(path)
+            return path
+    raise UserError(f"{folder} holds 10,000 pictures named {stem}_steps*.png; give another --show-dir.")
+
+
+def _has_steps_mark(path: Path) -> bool:
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.info.get("Software") == STEPS_FIGURE_MARK
+    except (OSError, ValueError, Image.DecompressionBombError):  # not an image we could read: not ours
+        return False
+
+
 def save_preprocessing_figure(path: str | os.PathLike, image_name: str, steps: dict, probs: np.ndarray) -> Path:
     """The preprocessing steps of one image side by side, and its ten probabilities."""
     plt = _pyplot()
@@ -1350,7 +1381,7 @@ def save_preprocessing_figure(path: str | os.PathLike, image_name: str, steps: d
     axes[-1].invert_yaxis()
     fig.suptitle(str(image_name), fontsize=10)
     path = Path(path)
-    _save_figure(fig, path)
+    _save_figure(fig, path, software=STEPS_FIGURE_MARK)
     plt.close(fig)
     return path
 
@@ -1391,14 +1422,14 @@ def _train_command(cfg: Config) -> int:
 
 def _predict_command(args) -> int:
     ckpt = load_params(args.params)
+    taken = set()  # pictures saved by this command so far
     for path in args.files:
         grey28, steps = preprocess(path, steps=True)
         probs = _probabilities(ckpt, grey28)
         top = np.argsort(probs)[::-1][:3]
         print(f"{path}: {int(top[0])}   (" + ", ".join(f"{int(d)}: {probs[d]:.3f}" for d in top) + ")")
         if args.show:
-            figure = save_preprocessing_figure(Path(args.show_dir) / (Path(path).stem + "_steps.png"),
-                                               path, steps, probs)
+            figure = save_preprocessing_figure(steps_figure_path(args.show_dir, path, taken), path, steps, probs)
             print(f"  preprocessing steps saved to {figure}")
     return 0
 
@@ -1413,8 +1444,9 @@ def make_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     predict_parser.add_argument("--params", default=str(DEFAULT_CHECKPOINT),
                                 help="checkpoint to use (default: %(default)s)")
     predict_parser.add_argument("--show", action="store_true",
-                                help="save a picture of each image's preprocessing steps and probabilities "
-                                     "(default: off)")
+                                help="save a picture of each image's preprocessing steps and probabilities, "
+                                     "NAME_steps.png, in --show-dir; a file of that name that --show did not "
+                                     "write is kept and NAME_steps-2.png used instead (default: off)")
     predict_parser.add_argument("--show-dir", default=".", help="folder for those pictures (default: %(default)s)")
     return train_parser, predict_parser
 

@@ -145,3 +145,28 @@ def test_predict_command_bad_image_is_a_clear_error(mnist_dir, tmp_path, capsys)
     Image.fromarray(np.full((30, 30), 255, np.uint8)).save(tmp_path / "blank.png")
     assert mnist_jax.main(["predict", str(tmp_path / "blank.png"), "--params", str(out / "params.npz")]) == 1
     assert "looks blank" in capsys.readouterr().err
+
+
+def test_predict_show_keeps_files_it_did_not_write(mnist_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert mnist_jax.main(["--data-dir", str(mnist_dir), "--out", str(out), "--dry-run", "--no-plots"]) == 0
+    digit = np.zeros((40, 40), np.uint8)
+    digit[10:30, 18:23] = 255
+    for folder in ("a", "b"):  # two photos with the same name in different folders
+        (tmp_path / folder).mkdir()
+        Image.fromarray(255 - digit).save(tmp_path / folder / "one.png")
+    shown = tmp_path / "shown"
+    shown.mkdir()
+    (shown / "one_steps.png").write_bytes(b"the user's own file")
+
+    def predict():
+        assert mnist_jax.main(["predict", str(tmp_path / "a" / "one.png"), str(tmp_path / "b" / "one.png"),
+                               "--params", str(out / "params.npz"), "--show", "--show-dir", str(shown)]) == 0
+        return sorted(p.name for p in shown.iterdir())
+
+    assert predict() == ["one_steps-2.png", "one_steps-3.png", "one_steps.png"]
+    assert (shown / "one_steps.png").read_bytes() == b"the user's own file"
+    # Run again: its own pictures are replaced, not piled up, and the user's file is still kept.
+    assert predict() == ["one_steps-2.png", "one_steps-3.png", "one_steps.png"]
+    assert (shown / "one_steps.png").read_bytes() == b"the user's own file"
+    assert "one_steps-3.png" in capsys.readouterr().out
