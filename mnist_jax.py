@@ -910,7 +910,10 @@ def train(cfg: Config, data: Dataset, out: str | os.PathLike | None = None,
       The finished Run.
     Raises:
       Diverged: the loss became NaN or infinite; the last finite parameters are kept (and saved).
+      UserError: `out` holds a params.npz or metrics.json that mnist_jax did not write.
     """
+    if out is not None:
+        check_out_folder(out, CHECKPOINT_FILES)
     net = build_net(cfg)
     init_key, dropout_key = jax.random.split(jax.random.key(cfg.seed))
     shuffler = np.random.default_rng(cfg.seed)  # a new order of the training images every epoch
@@ -1056,6 +1059,38 @@ def save_checkpoint(out: str | os.PathLike, run: Run, test_labels: np.ndarray | 
     if test_labels is not None and run.predicted is not None:
         metrics.update(classification_report(test_labels, run.predicted))
     _write_atomically(out / "metrics.json", lambda f: json.dump(metrics, f, indent=1), mode="w")
+
+
+CHECKPOINT_FILES = ("params.npz", "metrics.json")
+
+
+def check_out_folder(out: str | os.PathLike, names) -> None:
+    """Refuse to start when `out` holds a file among `names` that mnist_jax did not write.
+
+    Files from an earlier run are replaced, as a user expects of an output
+    folder; anything else of that name is the user's, and stays.
+
+    Raises:
+      UserError: naming those files.
+    """
+    foreign = [Path(out) / name for name in names
+               if (Path(out) / name).exists() and not _written_by_us(Path(out) / name)]
+    if foreign:
+        raise UserError(f"{out} already holds {', '.join(p.name for p in foreign)}, not written by mnist_jax; "
+                        "training would replace them. Move them away, or give another --out folder.")
+
+
+def _written_by_us(path: Path) -> bool:
+    if path.suffix == ".png":
+        return _has_figure_mark(path)
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as f:
+                return str(f["format"]).startswith("mnist_jax checkpoint")  # of any format version
+        metrics = json.loads(path.read_text())
+        return isinstance(metrics, dict) and {"config", "epochs"} <= metrics.keys()
+    except Exception:  # unreadable, not a zip, no "format", not JSON: not ours
+        return False
 
 
 class Checkpoint(NamedTuple):
@@ -1252,14 +1287,28 @@ def _pyplot():
     return plt
 
 
-def _save_figure(fig, path: Path, software: str | None = None) -> None:
-    metadata = {"Software": software} if software else None  # a PNG text chunk naming the writer
+FIGURE_MARK = "mnist_jax"  # the PNG text chunk "Software" of every picture this program saves
+
+
+def _save_figure(fig, path: Path) -> None:
     _write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight",
-                                                  metadata=metadata))
+                                                  metadata={"Software": FIGURE_MARK}))
+
+
+def _has_figure_mark(path: Path) -> bool:
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.info.get("Software") == FIGURE_MARK
+    except (OSError, ValueError, Image.DecompressionBombError):  # not an image we could read: not ours
+        return False
+
+
+PLOT_FILES = ("curves.png", "predictions.png", "confusion.png", "first_layer.png")
 
 
 def save_plots(out: str | os.PathLike, run: Run, data: Dataset) -> list[Path]:
-    """Write curves.png, predictions.png, confusion.png and first_layer.png into `out`."""
+    """Write the PLOT_FILES into `out`."""
     plt = _pyplot()
     out = Path(out)
     written = []
@@ -1339,33 +1388,21 @@ def save_plots(out: str | os.PathLike, run: Run, data: Dataset) -> list[Path]:
     return written
 
 
-STEPS_FIGURE_MARK = "mnist_jax predict --show"  # stored in the PNGs that `predict --show` writes
-
-
 def steps_figure_path(folder: str | os.PathLike, image_path: str | os.PathLike, taken: set) -> Path:
     """Where `predict --show` saves the picture for `image_path`: FOLDER/<name>_steps.png.
 
-    A file of that name is replaced only when an earlier `predict --show` wrote
-    it (its PNG carries STEPS_FIGURE_MARK); a user's own file, or the picture
-    of another image of the same name in this run (`taken`), is left alone and
-    the next free name is used: <name>_steps-2.png, -3, ...
+    A file of that name is replaced only when this program wrote it (its PNG
+    carries FIGURE_MARK); a user's own file, or the picture of another image
+    of the same name in this run (`taken`), is left alone and the next free
+    name is used: <name>_steps-2.png, -3, ...
     """
     stem = Path(image_path).stem
     for n in range(1, 10_000):
         path = Path(folder) / (f"{stem}_steps.png" if n == 1 else f"{stem}_steps-{n}.png")
-        if path not in taken and (not path.exists() or _has_steps_mark(path)):
+        if path not in taken and (not path.exists() or _has_figure_mark(path)):
             taken.add(path)
             return path
     raise UserError(f"{folder} holds 10,000 pictures named {stem}_steps*.png; give another --show-dir.")
-
-
-def _has_steps_mark(path: Path) -> bool:
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            return im.info.get("Software") == STEPS_FIGURE_MARK
-    except (OSError, ValueError, Image.DecompressionBombError):  # not an image we could read: not ours
-        return False
 
 
 def save_preprocessing_figure(path: str | os.PathLike, image_name: str, steps: dict, probs: np.ndarray) -> Path:
@@ -1381,7 +1418,7 @@ def save_preprocessing_figure(path: str | os.PathLike, image_name: str, steps: d
     axes[-1].invert_yaxis()
     fig.suptitle(str(image_name), fontsize=10)
     path = Path(path)
-    _save_figure(fig, path, software=STEPS_FIGURE_MARK)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -1395,6 +1432,7 @@ def _train_command(cfg: Config) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder; give a folder for params.npz and metrics.json.")
     out.mkdir(parents=True, exist_ok=True)  # fail now, not after training, if it cannot be made
+    check_out_folder(out, CHECKPOINT_FILES + (PLOT_FILES if cfg.plots else ()))
     data = load_mnist(cfg.data_dir)
     if cfg.dry_run:
         data = Dataset(data.train_images[:1000], data.train_labels[:1000], data.test_images[:1000],

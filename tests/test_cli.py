@@ -11,6 +11,7 @@ from PIL import Image
 
 import mnist_jax
 from conftest import ROOT
+from mnist_jax import Config
 
 
 def run_cli(*args, cwd=None, env=None):
@@ -170,3 +171,28 @@ def test_predict_show_keeps_files_it_did_not_write(mnist_dir, tmp_path, capsys):
     assert predict() == ["one_steps-2.png", "one_steps-3.png", "one_steps.png"]
     assert (shown / "one_steps.png").read_bytes() == b"the user's own file"
     assert "one_steps-3.png" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["params.npz", "metrics.json", "curves.png"])
+def test_training_refuses_to_replace_files_it_did_not_write(mnist_dir, tmp_path, capsys, name):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_bytes(b"the user's own file")
+    assert mnist_jax.main(["--data-dir", str(mnist_dir), "--out", str(out), "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert f"{out} already holds {name}, not written by mnist_jax" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == [name]
+    assert (out / name).read_bytes() == b"the user's own file"
+
+
+def test_a_second_run_replaces_the_first_runs_files(mnist_dir, tmp_path):
+    out = tmp_path / "out"
+    for _ in range(2):
+        assert mnist_jax.main(["--data-dir", str(mnist_dir), "--out", str(out), "--dry-run"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(mnist_jax.CHECKPOINT_FILES + mnist_jax.PLOT_FILES)
+
+
+def test_train_function_checks_its_out_folder_before_any_work(tmp_path):
+    (tmp_path / "metrics.json").write_text('{"my": "notes"}')
+    with pytest.raises(mnist_jax.UserError, match="metrics.json, not written by mnist_jax"):
+        mnist_jax.train(Config(), data=None, out=tmp_path)  # no data needed: it stops first
