@@ -87,10 +87,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_int(text: str) -> int:
+def _seed(text: str) -> int:
     value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive whole number, got {text}")
+    if not 0 <= value < 2**32:  # NumPy's shuffler takes no negative seed, jax.random.key no huge one
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {2**32 - 1}, got {text}")
     return value
 
 
@@ -153,7 +153,7 @@ class Config:
     momentum: float = _flag(0.9, "SGD momentum (0 = plain SGD)", type=_fraction)
     grad: str = _flag("auto", "gradients from jax.grad (auto) or from the backward pass written by hand (manual)",
                       choices=("auto", "manual"))
-    seed: int = _flag(0, "random seed: the same seed gives the same numbers", type=_non_negative_int)
+    seed: int = _flag(0, "random seed: the same seed gives the same numbers", type=_seed)
     plots: bool = _flag(True, "--no-plots skips the PNG plots saved in --out after training")
     dry_run: bool = _flag(False, "a quick check: 1 epoch on 1,000 training and 1,000 test images")
 
@@ -927,7 +927,7 @@ def train(cfg: Config, data: Dataset, out: str | os.PathLike | None = None,
 
     # Compile both loops before the clock starts, so the epoch times are steady state.
     started = time.perf_counter()
-    hyper = Hyper(float(cfg.lr), float(cfg.momentum), float(cfg.weight_decay))
+    hyper = Hyper(float(cfg.lr), float(cfg.momentum), float(cfg.weight_decay))  # Python floats: compiled in
     order = jnp.arange(len(train_x), dtype=jnp.int32)  # an example: only its shape and type matter here
     epoch_fn = compile_epoch(net, cfg.grad, batch_size, hyper,
                              params, stats, velocity, train_x, train_y, order, dropout_key, 0, steps * cfg.epochs)
@@ -1073,23 +1073,32 @@ def check_out_folder(out: str | os.PathLike, names) -> None:
     Raises:
       UserError: naming those files.
     """
-    foreign = [Path(out) / name for name in names
-               if (Path(out) / name).exists() and not _written_by_us(Path(out) / name)]
+    out = Path(out)
+    ours = lambda name: _written_by_us(out / name, out)
+    foreign = [name for name in names if os.path.lexists(out / name) and not ours(name)]
     if foreign:
-        raise UserError(f"{out} already holds {', '.join(p.name for p in foreign)}, not written by mnist_jax; "
-                        "training would replace them. Move them away, or give another --out folder.")
+        them = "it" if len(foreign) == 1 else "them"
+        plots = " (or train with --no-plots)" if set(foreign) <= set(PLOT_FILES) else ""
+        raise UserError(f"{out} already holds {', '.join(foreign)}, which mnist_jax does not recognise as "
+                        f"its own; training would replace {them}. Move {them} away, or give another --out "
+                        f"folder{plots}.")
 
 
-def _written_by_us(path: Path) -> bool:
+def _written_by_us(path: Path, folder: Path) -> bool:
+    """Whether `path` is a plain file that an earlier run of mnist_jax wrote into `folder`."""
+    if path.is_symlink() or not path.is_file():  # a link, a folder, a pipe: the user's, whatever it holds
+        return False
     if path.suffix == ".png":
-        return _has_figure_mark(path)
+        # Plots saved before PNGs were tagged count as ours beside a checkpoint that is.
+        return _has_figure_mark(path) or (path.name in PLOT_FILES and _written_by_us(folder / "params.npz", folder))
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as f:
                 return str(f["format"]).startswith("mnist_jax checkpoint")  # of any format version
-        metrics = json.loads(path.read_text())
-        return isinstance(metrics, dict) and {"config", "epochs"} <= metrics.keys()
-    except Exception:  # unreadable, not a zip, no "format", not JSON: not ours
+        metrics = json.loads(path.read_text())  # metrics.json: ours has these keys and a valid config
+        Config.from_json(metrics["config"])
+        return {"epochs", "test_accuracy"} <= metrics.keys()
+    except Exception:  # unreadable, not a zip, no "format", not JSON, no config: not ours
         return False
 
 
@@ -1391,18 +1400,19 @@ def save_plots(out: str | os.PathLike, run: Run, data: Dataset) -> list[Path]:
 def steps_figure_path(folder: str | os.PathLike, image_path: str | os.PathLike, taken: set) -> Path:
     """Where `predict --show` saves the picture for `image_path`: FOLDER/<name>_steps.png.
 
-    A file of that name is replaced only when this program wrote it (its PNG
-    carries FIGURE_MARK); a user's own file, or the picture of another image
-    of the same name in this run (`taken`), is left alone and the next free
-    name is used: <name>_steps-2.png, -3, ...
+    A file of that name is replaced only when mnist_jax wrote it (its PNG
+    carries FIGURE_MARK); a user's own file or link, or the picture of another
+    image of the same name in this run (`taken`), is left alone and the next
+    free name is used: <name>_steps-2.png, -3, ...
     """
     stem = Path(image_path).stem
     for n in range(1, 10_000):
         path = Path(folder) / (f"{stem}_steps.png" if n == 1 else f"{stem}_steps-{n}.png")
-        if path not in taken and (not path.exists() or _has_figure_mark(path)):
+        free = not os.path.lexists(path) or (path.is_file() and not path.is_symlink() and _has_figure_mark(path))
+        if path not in taken and free:
             taken.add(path)
             return path
-    raise UserError(f"{folder} holds 10,000 pictures named {stem}_steps*.png; give another --show-dir.")
+    raise UserError(f"{stem}_steps.png to {stem}_steps-9999.png are all taken in {folder}; give another --show-dir.")
 
 
 def save_preprocessing_figure(path: str | os.PathLike, image_name: str, steps: dict, probs: np.ndarray) -> Path:
@@ -1432,6 +1442,7 @@ def _train_command(cfg: Config) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder; give a folder for params.npz and metrics.json.")
     out.mkdir(parents=True, exist_ok=True)  # fail now, not after training, if it cannot be made
+    # train() checks the checkpoint files too; here the plots as well, before the data is even loaded.
     check_out_folder(out, CHECKPOINT_FILES + (PLOT_FILES if cfg.plots else ()))
     data = load_mnist(cfg.data_dir)
     if cfg.dry_run:
@@ -1483,8 +1494,8 @@ def make_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                                 help="checkpoint to use (default: %(default)s)")
     predict_parser.add_argument("--show", action="store_true",
                                 help="save a picture of each image's preprocessing steps and probabilities, "
-                                     "NAME_steps.png, in --show-dir; a file of that name that --show did not "
-                                     "write is kept and NAME_steps-2.png used instead (default: off)")
+                                     "NAME_steps.png, in --show-dir; a file of that name that mnist_jax did "
+                                     "not write is kept and NAME_steps-2.png used instead (default: off)")
     predict_parser.add_argument("--show-dir", default=".", help="folder for those pictures (default: %(default)s)")
     return train_parser, predict_parser
 

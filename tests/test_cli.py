@@ -46,7 +46,8 @@ def test_env_changes_the_data_dir_default():
     (["--momentum", "1.5"], "--momentum"),
     (["--activation", "sigmoid"], "invalid choice"),
     (["--model", "transformer"], "invalid choice"),
-    (["--seed", "-1"], "--seed: must be 0 or a positive whole number"),  # NumPy's shuffler takes no negative seed
+    (["--seed", "-1"], "--seed: must be a whole number from 0 to 4294967295"),  # NumPy's shuffler: no negatives
+    (["--seed", str(2**63)], "--seed: must be a whole number from 0 to 4294967295"),  # jax.random.key: no huge ones
 ])
 def test_invalid_values_are_argparse_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -173,26 +174,58 @@ def test_predict_show_keeps_files_it_did_not_write(mnist_dir, tmp_path, capsys):
     assert "one_steps-3.png" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["params.npz", "metrics.json", "curves.png"])
-def test_training_refuses_to_replace_files_it_did_not_write(mnist_dir, tmp_path, capsys, name):
+def foreign_png(path):
+    """A real PNG, as another program (or an older mnist_jax) would save it: no mnist_jax tag."""
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(path, pnginfo=None)
+
+
+@pytest.mark.parametrize("name, make", [
+    ("params.npz", lambda p: np.savez(p, weights=np.ones(3))),
+    ("metrics.json", lambda p: p.write_text('{"config": {"hidden": [5]}, "epochs": 3, "notes": "mine"}')),
+    ("curves.png", foreign_png),
+    ("params.npz", lambda p: p.mkdir()),
+    ("confusion.png", lambda p: p.symlink_to(p.parent.parent / "elsewhere.png")),  # a dangling link
+])
+def test_training_refuses_to_replace_files_it_did_not_write(mnist_dir, tmp_path, capsys, name, make):
     out = tmp_path / "out"
     out.mkdir()
-    (out / name).write_bytes(b"the user's own file")
+    make(out / name)
+    before = {p.name: (p.is_symlink(), p.is_dir(), p.read_bytes() if p.is_file() else None) for p in out.iterdir()}
     assert mnist_jax.main(["--data-dir", str(mnist_dir), "--out", str(out), "--dry-run"]) == 1
     err = capsys.readouterr().err
-    assert f"{out} already holds {name}, not written by mnist_jax" in err and "Traceback" not in err
-    assert sorted(p.name for p in out.iterdir()) == [name]
-    assert (out / name).read_bytes() == b"the user's own file"
+    assert f"{out} already holds {name}, which mnist_jax does not recognise" in err and "Traceback" not in err
+    assert ("--no-plots" in err) == name.endswith(".png")
+    after = {p.name: (p.is_symlink(), p.is_dir(), p.read_bytes() if p.is_file() else None) for p in out.iterdir()}
+    assert after == before
+
+
+def test_no_plots_trains_beside_a_users_png(mnist_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    foreign_png(out / "curves.png")
+    mine = (out / "curves.png").read_bytes()
+    assert mnist_jax.main(["--data-dir", str(mnist_dir), "--out", str(out), "--dry-run", "--no-plots"]) == 0
+    assert (out / "curves.png").read_bytes() == mine
 
 
 def test_a_second_run_replaces_the_first_runs_files(mnist_dir, tmp_path):
     out = tmp_path / "out"
-    for _ in range(2):
-        assert mnist_jax.main(["--data-dir", str(mnist_dir), "--out", str(out), "--dry-run"]) == 0
+    for seed in (0, 1):
+        assert mnist_jax.main(["--data-dir", str(mnist_dir), "--out", str(out), "--dry-run", "--seed", str(seed)]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(mnist_jax.CHECKPOINT_FILES + mnist_jax.PLOT_FILES)
+    assert json.loads((out / "metrics.json").read_text())["config"]["seed"] == 1
+
+
+def test_plots_of_an_older_untagged_run_are_replaced_beside_its_checkpoint(mnist_dir, tmp_path):
+    out = tmp_path / "out"
+    assert mnist_jax.main(["--data-dir", str(mnist_dir), "--out", str(out), "--dry-run", "--no-plots"]) == 0
+    foreign_png(out / "curves.png")  # as versions before the PNG tag saved it
+    assert mnist_jax.main(["--data-dir", str(mnist_dir), "--out", str(out), "--dry-run"]) == 0
+    with Image.open(out / "curves.png") as im:
+        assert im.info.get("Software") == mnist_jax.FIGURE_MARK
 
 
 def test_train_function_checks_its_out_folder_before_any_work(tmp_path):
     (tmp_path / "metrics.json").write_text('{"my": "notes"}')
-    with pytest.raises(mnist_jax.UserError, match="metrics.json, not written by mnist_jax"):
+    with pytest.raises(mnist_jax.UserError, match="metrics.json, which mnist_jax does not recognise as its own"):
         mnist_jax.train(Config(), data=None, out=tmp_path)  # no data needed: it stops first
