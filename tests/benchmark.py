@@ -35,8 +35,6 @@ try:
 except ImportError:
     torch = None
 
-ROUNDS = 5  # epochs timed per framework, after one warm-up epoch
-
 
 def load():
     folder = os.environ.get("MNIST_DATA_DIR", "data")
@@ -109,7 +107,7 @@ class TorchEpoch:
             self.opt.step()
 
 
-def timed(epoch_fns, rounds=ROUNDS):
+def timed(epoch_fns, rounds):
     """Seconds of each of `rounds` epochs of each callable, after a warm-up epoch each.
 
     The callables take turns, in reverse order every other round, so that a
