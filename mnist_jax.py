@@ -443,19 +443,23 @@ def as_inputs(images):
 # there for --grad manual and for a learner to read the calculus.
 
 def dense_init(key, layer, in_shape):
-    """Weights scaled by 1/sqrt(fan-in) so that each output starts with about unit variance."""
+    """W of shape (out, in), one row per output unit, as in y = W x + b; scaled by 1/sqrt(fan-in)
+    so that each output starts with about unit variance."""
     (n_in,), n_out = in_shape, layer[1]
-    w = jax.random.normal(key, (n_in, n_out), jnp.float32) / np.sqrt(n_in)
+    w = jax.random.normal(key, (n_out, n_in), jnp.float32) / np.sqrt(n_in)
     return {"w": w, "b": jnp.zeros(n_out, jnp.float32)}, {}, (n_out,)
 
 
 def dense_forward(layer, p, s, x, train, key):
-    return x @ p["w"] + p["b"], s, x
+    # y = W x + b for each image x, a row of the batch. Written W @ x.T rather than
+    # x @ W.T (the same numbers): XLA:CPU then reads W as it is stored, with no
+    # transposed copy per step, which makes per-sample SGD (batch 1) 3x faster.
+    return (p["w"] @ x.T).T + p["b"], s, x
 
 
 def dense_backward(layer, p, x, dy):
-    """y = x W + b  =>  dL/dW = x^T dy,  dL/db = sum over the batch of dy,  dL/dx = dy W^T."""
-    return {"w": x.T @ dy, "b": dy.sum(0)}, dy @ p["w"].T
+    """y = W x + b  =>  dL/dW = dy x^T (summed over the batch),  dL/db = sum of dy,  dL/dx = W^T dy."""
+    return {"w": dy.T @ x, "b": dy.sum(0)}, dy @ p["w"]
 
 
 def no_params(key, layer, in_shape):
@@ -1019,7 +1023,7 @@ def format_report(report: dict) -> str:
 # Checkpoints: params.npz and metrics.json, written atomically
 # =============================================================================
 
-CHECKPOINT_FORMAT = "mnist_jax checkpoint 1"
+CHECKPOINT_FORMAT = "mnist_jax checkpoint 2"  # 2: dense weights stored (out, in); 1 had them (in, out)
 
 
 def _usual_permissions(path: Path) -> None:
@@ -1125,7 +1129,11 @@ def load_params(path: str | os.PathLike) -> Checkpoint:
             arrays = {k: f[k] for k in f.files}
     except Exception as e:  # a damaged zip, a pickle, a random file: all the same to the user
         raise CheckpointError(f"{path} is not a readable .npz checkpoint ({e.__class__.__name__}: {e}).") from None
-    if str(arrays.get("format", "")) != CHECKPOINT_FORMAT:
+    mark = str(arrays.get("format", ""))
+    if mark.startswith("mnist_jax checkpoint") and mark != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} was written by another version of mnist_jax ('{mark}'; this one reads "
+                              f"'{CHECKPOINT_FORMAT}'). Train it again with this version.")
+    if mark != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a mnist_jax checkpoint (it has no '{CHECKPOINT_FORMAT}' mark).")
     try:
         config = Config.from_json(json.loads(str(arrays["config"])))
@@ -1377,7 +1385,7 @@ def save_plots(out: str | os.PathLike, run: Run, data: Dataset) -> list[Path]:
     first = next(i for i, layer in enumerate(run.net) if layer[0] in ("dense", "conv"))
     w = np.asarray(run.params[first]["w"])
     if run.net[first][0] == "dense":   # each hidden unit's 784 input weights as a 28x28 picture
-        tiles, title = w.T[:64].reshape(-1, 28, 28), "First layer: input weights of 64 hidden units as 28x28 images"
+        tiles, title = w[:64].reshape(-1, 28, 28), "First layer: input weights of 64 hidden units as 28x28 images"
     else:                              # each filter's k x k kernel (first input channel)
         k = run.net[first][2]
         tiles, title = w.reshape(k, k, -1, w.shape[-1])[:, :, 0].transpose(2, 0, 1)[:100], \

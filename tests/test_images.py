@@ -171,6 +171,16 @@ def test_checkpoint_with_mismatched_shapes_is_refused(font_model, tmp_path):
         mnist_jax.load_params(tmp_path / "edited.npz")
 
 
+def test_checkpoint_from_an_older_version_is_named_as_such(font_model, tmp_path):
+    """Format 1 stored dense weights (in, out); read as (out, in) a square layer would be silently transposed."""
+    with np.load(font_model) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["format"] = np.array("mnist_jax checkpoint 1")
+    np.savez(tmp_path / "old.npz", **arrays)
+    with pytest.raises(mnist_jax.CheckpointError, match="another version of mnist_jax .*Train it again"):
+        mnist_jax.load_params(tmp_path / "old.npz")
+
+
 def test_ink_touching_the_border_keeps_its_polarity():
     """A thick 0 cropped tight: most of the border is ink, but most of the image is still paper."""
     photo = np.full((40, 30), 235, np.uint8)

@@ -83,7 +83,7 @@ def test_log_softmax_is_stable_and_normalised():
 
 def test_loss_and_accuracy_on_known_values():
     net = (("dense", 10),)
-    params = [{"w": jnp.zeros((784, 10)), "b": jnp.arange(10.0)}]  # always says 9
+    params = [{"w": jnp.zeros((10, 784)), "b": jnp.arange(10.0)}]  # always says 9
     images, _ = random_batch(4)
     labels = jnp.array([9, 9, 0, 1])
     assert float(mnist_jax.accuracy(net, params, [{}], images, labels)) == 0.5
