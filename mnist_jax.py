@@ -47,6 +47,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+import zipfile
 import zlib
 from dataclasses import dataclass, field
 from functools import partial
@@ -1124,6 +1125,9 @@ def load_params(path: str | os.PathLike) -> Checkpoint:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}. Train one first with `python mnist_jax.py` "
                               "(it writes runs/params.npz), or give the path of a params.npz.")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is not a readable .npz checkpoint (it is not a zip archive). Give the "
+                              "params.npz that training wrote.")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
@@ -1237,8 +1241,9 @@ def preprocess(image, steps: bool = False):
     marked = ink[ink > paper + 0.1]  # pixels clearly darker (or lighter) than the paper
     strongest = float(np.percentile(marked, 90)) if marked.size else paper
     if strongest - paper < 0.1:
-        raise ImageError("the image looks blank: no stroke stands out from the background "
-                         f"(contrast {strongest - paper:.2f} on a 0-1 scale)")
+        name = f"{image} looks blank" if isinstance(image, (str, os.PathLike)) else "the image looks blank"
+        raise ImageError(f"{name}: no stroke stands out from the background (contrast {strongest - paper:.2f} "
+                         "on a 0-1 scale). Photograph the digit darker or larger, or crop closer to it.")
     cleaned = np.clip((ink - paper) / (strongest - paper), 0, 1)
     cleaned[cleaned < INK_THRESHOLD] = 0
     rows, cols = np.nonzero(cleaned)

@@ -146,7 +146,8 @@ def test_predict_command_bad_image_is_a_clear_error(mnist_dir, tmp_path, capsys)
     assert mnist_jax.main(["--data-dir", str(mnist_dir), "--out", str(out), "--dry-run", "--no-plots"]) == 0
     Image.fromarray(np.full((30, 30), 255, np.uint8)).save(tmp_path / "blank.png")
     assert mnist_jax.main(["predict", str(tmp_path / "blank.png"), "--params", str(out / "params.npz")]) == 1
-    assert "looks blank" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "looks blank" in err and "blank.png" in err  # the message names the file, for a command given several
 
 
 def test_predict_show_keeps_files_it_did_not_write(mnist_dir, tmp_path, capsys):
