@@ -1024,7 +1024,8 @@ def format_report(report: dict) -> str:
 # Checkpoints: params.npz and metrics.json, written atomically
 # =============================================================================
 
-CHECKPOINT_FORMAT = "mnist_jax checkpoint 2"  # 2: dense weights stored (out, in); 1 had them (in, out)
+CHECKPOINT_MARK = "mnist_jax checkpoint"  # how params.npz says what wrote it, followed by the format version
+CHECKPOINT_FORMAT = f"{CHECKPOINT_MARK} 2"  # 2: dense weights stored (out, in); 1 had them (in, out)
 
 
 def _usual_permissions(path: Path) -> None:
@@ -1099,7 +1100,7 @@ def _written_by_us(path: Path, folder: Path) -> bool:
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as f:
-                return str(f["format"]).startswith("mnist_jax checkpoint")  # of any format version
+                return str(f["format"]).startswith(CHECKPOINT_MARK)  # of any format version
         metrics = json.loads(path.read_text())  # metrics.json: ours has these keys and a valid config
         Config.from_json(metrics["config"])
         return {"epochs", "test_accuracy"} <= metrics.keys()
@@ -1131,10 +1132,10 @@ def load_params(path: str | os.PathLike) -> Checkpoint:
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-    except Exception as e:  # a damaged zip, a pickle, a random file: all the same to the user
+    except Exception as e:  # a damaged zip, a pickle: all the same to the user
         raise CheckpointError(f"{path} is not a readable .npz checkpoint ({e.__class__.__name__}: {e}).") from None
     mark = str(arrays.get("format", ""))
-    if mark.startswith("mnist_jax checkpoint") and mark != CHECKPOINT_FORMAT:
+    if mark.startswith(CHECKPOINT_MARK) and mark != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} was written by another version of mnist_jax ('{mark}'; this one reads "
                               f"'{CHECKPOINT_FORMAT}'). Train it again with this version.")
     if mark != CHECKPOINT_FORMAT:
