@@ -16,6 +16,7 @@ stretch when the machine runs slow (these shared machines have them) slows both 
 """
 import dataclasses
 import os
+from functools import partial
 import platform
 import statistics
 import sys
@@ -47,34 +48,34 @@ class JaxEpoch:
     """One compiled training epoch of mnist_jax, callable again and again."""
 
     def __init__(self, cfg, data):
-        self.net = mnist_jax.build_net(cfg)
-        self.params, self.stats = mnist_jax.init_params(jax.random.key(0), self.net)
-        self.velocity = jax.tree.map(jnp.zeros_like, self.params)
+        cfg = cfg.resolved()
         self.x = jnp.asarray(data.train_images)  # bytes, as mnist_jax.train keeps them
         self.y = jnp.asarray(data.train_labels.astype(np.int32))
         self.steps = len(self.x) // cfg.batch_size
+        hyper = cfg.hyper()._replace(total_steps=10 * self.steps)
+        self.state = mnist_jax.start_training(mnist_jax.init_params(jax.random.key(0), cfg.net()), hyper)
         self.shuffler = np.random.default_rng(0)
         self.epoch = 0
-        self.fn = mnist_jax.compile_epoch(self.net, cfg.grad, cfg.batch_size,
-                                          mnist_jax.Hyper(cfg.lr, cfg.momentum, cfg.weight_decay),
-                                          *self.arguments())
+        self.fn = mnist_jax.compile_function(partial(mnist_jax.train_epoch, hyper=hyper, batch_size=cfg.batch_size,
+                                                     augment=mnist_jax.augment_images if cfg.augment else None),
+                                             *self.arguments())
 
     def arguments(self):  # as mnist_jax.train passes them: the shuffle drawn on the host
         order = jnp.asarray(self.shuffler.permutation(len(self.x)).astype(np.int32))
-        return (self.params, self.stats, self.velocity, self.x, self.y, order, jax.random.key(self.epoch),
-                0, 10 * self.steps)
+        return self.state, self.x, self.y, order, jax.random.key(self.epoch)
 
     def __call__(self):
         self.epoch += 1
         out = self.fn(*self.arguments())
         jax.block_until_ready(out)
-        self.params, self.stats, self.velocity = out[:3]
+        self.state = out[0]
 
 
 class TorchEpoch:
     """The same network and SGD in PyTorch eager, written the usual way."""
 
     def __init__(self, cfg, data):
+        cfg = cfg.resolved()
         nn = torch.nn
         torch.manual_seed(0)
         if cfg.model == "mlp":
@@ -180,17 +181,17 @@ def bench_mlp(data):
 
 
 def bench_default(data):
-    lines = []
+    cfg = Config().resolved()
     start = time.perf_counter()
-    run = mnist_jax.train(Config(), data, log=lines.append)
+    run = mnist_jax.train(cfg.net(), data, cfg.hyper(), cfg.epochs, cfg.batch_size, log=lambda _: None)
     total = time.perf_counter() - start
     elapsed, reached = 0.0, None
     for record in run.epochs:
         elapsed += record["seconds"]
         if record["test_accuracy"] >= 0.975 and reached is None:
             reached = (record["epoch"], elapsed)
-    print(f"\ndefault run ({mnist_jax.describe(run.net)}, {len(run.epochs)} epochs): "
-          f"final test accuracy {run.epochs[-1]['test_accuracy']:.4f}; compile {run.compile_seconds:.1f} s; "
+    print(f"\ndefault run ({mnist_jax.describe(run.model)}, {len(run.epochs)} epochs): "
+          f"final test accuracy {run.epochs[-1]['test_accuracy']:.4f}; compile {run.seconds['compile']:.1f} s; "
           f"whole run {total:.1f} s including data transfer and evaluation")
     if reached:
         print(f"  reached 97.5% after epoch {reached[0]}: {reached[1]:.1f} s of training (compilation excluded)")

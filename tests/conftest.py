@@ -61,7 +61,7 @@ def mnist_dir(tmp_path):
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """Routes: /<mode>/<file name>, mode in good, html, missing, forbidden, cut, wrong, slow."""
+    """Routes: /<mode>/<file name>, mode in good, html, missing, forbidden, cut, wrong, slow, endless, drip."""
     files: dict = {}
 
     def log_message(self, *args):  # keep pytest's output clean
@@ -89,6 +89,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         elif mode == "slow":
             threading.Event().wait(2)
             self._send(body)
+        elif mode == "endless":  # no length, and bytes that never stop (until the client hangs up)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+            try:
+                for _ in range(100_000):  # 6.4 GB at most, so that the server too stops by itself
+                    self.wfile.write(bytes(1 << 16))
+            except OSError:
+                pass
+            self.close_connection = True
+        elif mode == "drip":  # the right length promised, a byte every 0.2 s
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                for i in range(len(body)):
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
+                    threading.Event().wait(0.2)
+            except OSError:
+                pass
+            self.close_connection = True
         else:
             self._send(body)
 
@@ -122,7 +144,7 @@ def published(monkeypatch, tmp_path_factory):
     for name in mnist_jax.MNIST_FILES:
         data = (folder / name).read_bytes()
         files[name] = data
-        table[name] = (len(data), hashlib.md5(data).hexdigest())
+        table[name] = (len(data), hashlib.md5(data).hexdigest(), hashlib.md5(gzip.decompress(data)).hexdigest())
     monkeypatch.setattr(mnist_jax, "MNIST_FILES", table)
     monkeypatch.setattr(_Handler, "files", files)
     return files

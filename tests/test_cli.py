@@ -1,9 +1,8 @@
-"""The command line, as a user meets it: help, bad flags, a dry run, predict, no tracebacks."""
+"""The command line, as a user meets it: help, bad flags, one folder per run, predict, no tracebacks."""
 import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -11,7 +10,6 @@ from PIL import Image
 
 import mnist_jax
 from conftest import ROOT
-from mnist_jax import Config
 
 
 def run_cli(*args, cwd=None, env=None):
@@ -24,13 +22,14 @@ def run_cli(*args, cwd=None, env=None):
 def test_help_lists_every_flag_with_its_default():
     result = run_cli("--help", env={"MNIST_DATA_DIR": None})
     assert result.returncode == 0
-    for flag in ("--data-dir", "--out", "--epochs", "--batch-size", "--lr", "--momentum", "--hidden", "--activation",
-                 "--seed", "--model", "--batchnorm", "--dropout", "--weight-decay", "--grad", "--no-plots",
-                 "--dry-run"):
+    flags = ("--data-dir", "--name", "--out", "--epochs", "--batch-size", "--lr", "--momentum", "--hidden",
+             "--activation", "--seed", "--model", "--batchnorm", "--dropout", "--weight-decay", "--grad",
+             "--optimizer", "--schedule", "--augment", "--no-plots", "--dry-run")
+    for flag in flags:
         assert flag in result.stdout
     help_text = " ".join(result.stdout.split())
-    assert help_text.count("(default:") >= 16 and "(default: 512,512)" in help_text
-    assert "(default: data)" in help_text
+    assert help_text.count("(default:") >= 13 and "(default: 512,512)" in help_text
+    assert "(default: data)" in help_text and "mlp: 20, resmlp: 20, cnn:" in help_text  # per-model epochs
 
 
 def test_env_changes_the_data_dir_default():
@@ -46,6 +45,8 @@ def test_env_changes_the_data_dir_default():
     (["--momentum", "1.5"], "--momentum"),
     (["--activation", "sigmoid"], "invalid choice"),
     (["--model", "transformer"], "invalid choice"),
+    (["--optimizer", "rmsprop"], "invalid choice"),
+    (["--name", "../elsewhere"], "--name: must be a plain folder name"),
     (["--seed", "-1"], "--seed: must be a whole number from 0 to 4294967295"),  # NumPy's shuffler: no negatives
     (["--seed", str(2**63)], "--seed: must be a whole number from 0 to 4294967295"),  # jax.random.key: no huge ones
 ])
@@ -65,20 +66,88 @@ def test_import_does_nothing(tmp_path):
     assert float(result.stdout) < 20
 
 
-def test_dry_run_trains_saves_and_plots(mnist_dir, tmp_path, capsys):
-    out = tmp_path / "out"
-    assert mnist_jax.main(["--data-dir", str(mnist_dir), "--out", str(out), "--dry-run", "--hidden", "32"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+def dry_run(mnist_dir, *args):
+    return mnist_jax.main(["--data-dir", str(mnist_dir), "--dry-run", "--hidden", "32", *map(str, args)])
+
+
+def test_each_run_gets_a_folder_of_its_own(mnist_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert dry_run(mnist_dir) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.strip().splitlines() if not line.startswith("note:")]  # our own IDX files
+    assert lines[0] == "run folder: runs/mlp-1"
     assert lines[-1].startswith("test accuracy: 0.") and len(lines[-1]) == len("test accuracy: 0.1234")
     assert any(line.startswith("epoch   1 ") for line in lines) and not any("epoch   2" in l for l in lines)
-    assert any("compile" in line and "per epoch" in line for line in lines)
     assert any(line.startswith("macro") for line in lines)
-    metrics = json.loads((out / "metrics.json").read_text())
+    timing = next(line for line in lines if line.startswith("time: "))
+    for part in ("start", "load", "compile", "train", "evaluate", "report", "plots", "total"):
+        assert f"{part} " in timing
+    run1 = tmp_path / "runs" / "mlp-1"
+    metrics = json.loads((run1 / "metrics.json").read_text())
     assert metrics["config"]["hidden"] == [32] and len(metrics["epochs"]) == 1
+    assert metrics["config"]["epochs"] == 1 and metrics["config"]["batch_size"] == 128  # as resolved
     assert len(metrics["precision"]) == len(metrics["recall"]) == len(metrics["f1"]) == 10
     assert np.array(metrics["confusion_matrix"]).shape == (10, 10) and 0 <= metrics["macro_f1"] <= 1
-    for name in ("params.npz", "curves.png", "predictions.png", "confusion.png", "first_layer.png"):
-        assert (out / name).stat().st_size > 0, name
+    assert {"load", "compile", "train", "evaluate", "plots", "total"} <= set(metrics["seconds"])
+    assert sorted(p.name for p in run1.iterdir()) == sorted(
+        ["config.json", "metrics.json", "params.npz", *mnist_jax.PLOT_FILES])
+    # A second run never touches the first one's files, and runs/latest follows the newest.
+    before = {p.name: p.read_bytes() for p in run1.iterdir()}
+    assert dry_run(mnist_dir, "--seed", 1, "--no-plots") == 0
+    assert {p.name: p.read_bytes() for p in run1.iterdir()} == before
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["latest", "mlp-1", "mlp-2"]
+    assert (tmp_path / "runs" / "latest" / "params.npz").read_bytes() == \
+        (tmp_path / "runs" / "mlp-2" / "params.npz").read_bytes()
+    assert dry_run(mnist_dir, "--name", "mine", "--no-plots") == 0
+    assert (tmp_path / "runs" / "mine" / "params.npz").is_file()
+    assert dry_run(mnist_dir, "--name", "mine", "--no-plots") == 1  # a named folder that holds files
+    assert "--name runs/mine already holds config.json" in capsys.readouterr().err
+
+
+def test_latest_as_a_text_file_where_links_are_not_allowed(mnist_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def no_links(*args, **kwargs):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "symlink", no_links)
+    assert dry_run(mnist_dir, "--no-plots") == 0
+    latest = tmp_path / "runs" / "latest"
+    assert latest.is_file() and not latest.is_symlink() and latest.read_text() == "mlp-1\n"
+    assert mnist_jax.latest_checkpoint() == mnist_jax.RUNS / "mlp-1" / "params.npz"
+
+
+def test_out_writes_exactly_there_and_refuses_a_folder_with_files(mnist_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert dry_run(mnist_dir, "--out", out, "--no-plots") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.json", "params.npz"]
+    kept = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert dry_run(mnist_dir, "--out", out) == 1
+    err = capsys.readouterr().err
+    assert f"--out {out} already holds config.json, metrics.json, params.npz" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == kept
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    assert dry_run(mnist_dir, "--out", mine) == 1 and "already holds notes.txt" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
+def test_out_must_be_a_folder(mnist_dir, tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file of the user's")
+    assert dry_run(mnist_dir, "--out", tmp_path / "taken") == 1
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "taken").read_text() == "a file of the user's"
+
+
+def test_two_runs_claiming_one_folder_at_once(tmp_path):
+    """The second of two runs that find the same --out empty at the same moment is refused."""
+    folder = tmp_path / "out"
+    mnist_jax.claim_run_folder({"model": "mlp", "seed": 0}, out=folder)
+    folder_files = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(mnist_jax.UserError, match="already holds config.json"):
+        mnist_jax.claim_run_folder({"model": "mlp", "seed": 1}, out=folder)
+    assert folder_files == ["config.json"] and json.loads((folder / "config.json").read_text())["seed"] == 0
 
 
 def test_cnn_dry_run_plots_its_kernels(mnist_dir, tmp_path):
@@ -86,12 +155,6 @@ def test_cnn_dry_run_plots_its_kernels(mnist_dir, tmp_path):
     assert mnist_jax.main(["--data-dir", str(mnist_dir), "--out", str(out), "--dry-run", "--model", "cnn-small"]) == 0
     with Image.open(out / "first_layer.png") as picture:
         assert picture.width > 100
-
-
-def test_no_plots(mnist_dir, tmp_path):
-    out = tmp_path / "out"
-    assert mnist_jax.main(["--data-dir", str(mnist_dir), "--out", str(out), "--dry-run", "--no-plots"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "params.npz"]
 
 
 def test_user_errors_exit_nonzero_without_traceback(tmp_path):
@@ -103,130 +166,103 @@ def test_user_errors_exit_nonzero_without_traceback(tmp_path):
     assert "train-images-idx3-ubyte.gz is an HTML page" in result.stderr
     result = run_cli("predict", tmp_path / "missing.png", "--params", tmp_path / "none.npz")
     assert result.returncode == 1 and "Traceback" not in result.stderr and "no checkpoint at" in result.stderr
-
-
-def test_out_must_be_a_folder(mnist_dir, tmp_path, capsys):
-    (tmp_path / "taken").write_text("a file of the user's")
-    code = mnist_jax.main(["--data-dir", str(mnist_dir), "--out", str(tmp_path / "taken"), "--dry-run"])
-    assert code == 1 and "is a file, not a folder" in capsys.readouterr().err
-    assert (tmp_path / "taken").read_text() == "a file of the user's"
+    result = run_cli("predict", "x.png", cwd=tmp_path)  # no run yet: runs/latest does not exist
+    assert result.returncode == 1 and "no trained model yet" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_divergence_exits_nonzero(mnist_dir, tmp_path, capsys):
-    code = mnist_jax.main(["--data-dir", str(mnist_dir), "--out", str(tmp_path), "--dry-run", "--lr", "1e30",
-                           "--momentum", "0"])
+    assert dry_run(mnist_dir, "--out", tmp_path / "o", "--lr", "1e30", "--momentum", "0") == 1
     err = capsys.readouterr().err
-    assert code == 1 and "diverged in epoch 1" in err and "smaller learning rate" in err
+    assert "diverged in epoch 1" in err and "smaller learning rate" in err and "Nothing was saved" in err
 
 
-def test_ctrl_c_keeps_the_last_epoch(mnist_dir, tmp_path, monkeypatch, capsys):
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(mnist_jax, "train", interrupted)
-    assert mnist_jax.main(["--data-dir", str(mnist_dir), "--out", str(tmp_path), "--dry-run"]) == 130
-    assert "interrupted" in capsys.readouterr().err
+def interrupt_epoch(monkeypatch, at_epoch):
+    """Ctrl-C in the middle of epoch `at_epoch` of a real training run: the compiled epoch raises it."""
+    real_compile = mnist_jax.compile_function
+
+    def compile_function(fn, *args):
+        compiled = real_compile(fn, *args)
+        if getattr(fn, "func", None) is not mnist_jax.train_epoch:
+            return compiled  # the evaluation
+        calls = []
+
+        def epoch(*epoch_args):
+            calls.append(1)
+            if len(calls) == at_epoch:
+                raise KeyboardInterrupt
+            return compiled(*epoch_args)
+        return epoch
+
+    monkeypatch.setattr(mnist_jax, "compile_function", compile_function)
 
 
-def test_predict_command_prints_digits_and_saves_steps(mnist_dir, tmp_path, capsys):
+def test_ctrl_c_in_the_first_epoch_says_nothing_was_saved(mnist_dir, tmp_path, monkeypatch, capsys):
+    interrupt_epoch(monkeypatch, 1)
+    out = tmp_path / "o"
+    code = mnist_jax.main(["--data-dir", str(mnist_dir), "--out", str(out), "--epochs", "2", "--hidden", "16"])
+    err = capsys.readouterr().err
+    assert code == 130 and "no epoch had finished, so no checkpoint was saved" in err
+    assert not (out / "params.npz").exists()
+
+
+def test_ctrl_c_in_a_later_epoch_keeps_the_last_checkpoint(mnist_dir, tmp_path, monkeypatch, capsys):
+    interrupt_epoch(monkeypatch, 2)
+    out = tmp_path / "o"
+    code = mnist_jax.main(["--data-dir", str(mnist_dir), "--out", str(out), "--epochs", "3", "--hidden", "16"])
+    err = capsys.readouterr().err
+    assert code == 130 and f"the checkpoint of epoch 1 is in {out / 'params.npz'}" in err
+    mnist_jax.load_params(out / "params.npz")  # it loads
+    assert [e["epoch"] for e in json.loads((out / "metrics.json").read_text())["epochs"]] == [1]
+
+
+@pytest.fixture
+def trained(mnist_dir, tmp_path):
     out = tmp_path / "out"
-    assert mnist_jax.main(["--data-dir", str(mnist_dir), "--out", str(out), "--dry-run", "--no-plots"]) == 0
+    assert dry_run(mnist_dir, "--out", out, "--no-plots") == 0
+    return out / "params.npz"
+
+
+def one_png(path):
     digit = np.zeros((40, 40), np.uint8)
     digit[10:30, 18:23] = 255
-    Image.fromarray(255 - digit).save(tmp_path / "one.png")
+    Image.fromarray(255 - digit).save(path)
+    return path
+
+
+def test_predict_command_prints_digits_and_saves_steps(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    one_png(tmp_path / "one.png")
     capsys.readouterr()
-    assert mnist_jax.main(["predict", str(tmp_path / "one.png"), "--params", str(out / "params.npz"), "--show",
-                           "--show-dir", str(tmp_path / "shown")]) == 0
+    assert mnist_jax.main(["predict", "one.png", "--params", str(trained), "--show"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith(f"{tmp_path / 'one.png'}: ") and lines[0].count(": 0.") == 3  # top three probabilities
-    assert (tmp_path / "shown" / "one_steps.png").stat().st_size > 0
+    assert lines[0].startswith("one.png: ") and lines[0].count(": 0.") == 3  # top three probabilities
+    assert (tmp_path / "runs" / "predict-1" / "one_steps.png").stat().st_size > 0
+    assert mnist_jax.main(["predict", "one.png", "--params", str(trained), "--show"]) == 0
+    assert (tmp_path / "runs" / "predict-2" / "one_steps.png").is_file()  # a new folder, nothing replaced
 
 
-def test_predict_command_bad_image_is_a_clear_error(mnist_dir, tmp_path, capsys):
-    out = tmp_path / "out"
-    assert mnist_jax.main(["--data-dir", str(mnist_dir), "--out", str(out), "--dry-run", "--no-plots"]) == 0
-    Image.fromarray(np.full((30, 30), 255, np.uint8)).save(tmp_path / "blank.png")
-    assert mnist_jax.main(["predict", str(tmp_path / "blank.png"), "--params", str(out / "params.npz")]) == 1
-    err = capsys.readouterr().err
-    assert "looks blank" in err and "blank.png" in err  # the message names the file, for a command given several
-
-
-def test_predict_show_keeps_files_it_did_not_write(mnist_dir, tmp_path, capsys):
-    out = tmp_path / "out"
-    assert mnist_jax.main(["--data-dir", str(mnist_dir), "--out", str(out), "--dry-run", "--no-plots"]) == 0
-    digit = np.zeros((40, 40), np.uint8)
-    digit[10:30, 18:23] = 255
+def test_predict_show_dir_must_be_new_or_empty(trained, tmp_path, capsys):
     for folder in ("a", "b"):  # two photos with the same name in different folders
         (tmp_path / folder).mkdir()
-        Image.fromarray(255 - digit).save(tmp_path / folder / "one.png")
+        one_png(tmp_path / folder / "one.png")
     shown = tmp_path / "shown"
-    shown.mkdir()
-    (shown / "one_steps.png").write_bytes(b"the user's own file")
-
-    def predict():
-        assert mnist_jax.main(["predict", str(tmp_path / "a" / "one.png"), str(tmp_path / "b" / "one.png"),
-                               "--params", str(out / "params.npz"), "--show", "--show-dir", str(shown)]) == 0
-        return sorted(p.name for p in shown.iterdir())
-
-    assert predict() == ["one_steps-2.png", "one_steps-3.png", "one_steps.png"]
-    assert (shown / "one_steps.png").read_bytes() == b"the user's own file"
-    # Run again: its own pictures are replaced, not piled up, and the user's file is still kept.
-    assert predict() == ["one_steps-2.png", "one_steps-3.png", "one_steps.png"]
-    assert (shown / "one_steps.png").read_bytes() == b"the user's own file"
-    assert "one_steps-3.png" in capsys.readouterr().out
+    assert mnist_jax.main(["predict", str(tmp_path / "a" / "one.png"), str(tmp_path / "b" / "one.png"),
+                           "--params", str(trained), "--show-dir", str(shown), "--show"]) == 0
+    assert sorted(p.name for p in shown.iterdir()) == ["one-2_steps.png", "one_steps.png"]
+    assert mnist_jax.main(["predict", str(tmp_path / "a" / "one.png"), "--params", str(trained),
+                           "--show-dir", str(shown), "--show"]) == 1
+    assert "is not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in shown.iterdir()) == ["one-2_steps.png", "one_steps.png"]
 
 
-def foreign_png(path):
-    """A real PNG, as another program (or an older mnist_jax) would save it: no mnist_jax tag."""
-    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(path, pnginfo=None)
-
-
-@pytest.mark.parametrize("name, make", [
-    ("params.npz", lambda p: np.savez(p, weights=np.ones(3))),
-    ("metrics.json", lambda p: p.write_text('{"config": {"hidden": [5]}, "epochs": 3, "notes": "mine"}')),
-    ("curves.png", foreign_png),
-    ("params.npz", lambda p: p.mkdir()),
-    ("confusion.png", lambda p: p.symlink_to(p.parent.parent / "elsewhere.png")),  # a dangling link
-])
-def test_training_refuses_to_replace_files_it_did_not_write(mnist_dir, tmp_path, capsys, name, make):
-    out = tmp_path / "out"
-    out.mkdir()
-    make(out / name)
-    before = {p.name: (p.is_symlink(), p.is_dir(), p.read_bytes() if p.is_file() else None) for p in out.iterdir()}
-    assert mnist_jax.main(["--data-dir", str(mnist_dir), "--out", str(out), "--dry-run"]) == 1
-    err = capsys.readouterr().err
-    assert f"{out} already holds {name}, which mnist_jax does not recognise" in err and "Traceback" not in err
-    assert ("--no-plots" in err) == name.endswith(".png")
-    after = {p.name: (p.is_symlink(), p.is_dir(), p.read_bytes() if p.is_file() else None) for p in out.iterdir()}
-    assert after == before
-
-
-def test_no_plots_trains_beside_a_users_png(mnist_dir, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    foreign_png(out / "curves.png")
-    mine = (out / "curves.png").read_bytes()
-    assert mnist_jax.main(["--data-dir", str(mnist_dir), "--out", str(out), "--dry-run", "--no-plots"]) == 0
-    assert (out / "curves.png").read_bytes() == mine
-
-
-def test_a_second_run_replaces_the_first_runs_files(mnist_dir, tmp_path):
-    out = tmp_path / "out"
-    for seed in (0, 1):
-        assert mnist_jax.main(["--data-dir", str(mnist_dir), "--out", str(out), "--dry-run", "--seed", str(seed)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(mnist_jax.CHECKPOINT_FILES + mnist_jax.PLOT_FILES)
-    assert json.loads((out / "metrics.json").read_text())["config"]["seed"] == 1
-
-
-def test_plots_of_an_older_untagged_run_are_replaced_beside_its_checkpoint(mnist_dir, tmp_path):
-    out = tmp_path / "out"
-    assert mnist_jax.main(["--data-dir", str(mnist_dir), "--out", str(out), "--dry-run", "--no-plots"]) == 0
-    foreign_png(out / "curves.png")  # as versions before the PNG tag saved it
-    assert mnist_jax.main(["--data-dir", str(mnist_dir), "--out", str(out), "--dry-run"]) == 0
-    with Image.open(out / "curves.png") as im:
-        assert im.info.get("Software") == mnist_jax.FIGURE_MARK
-
-
-def test_train_function_checks_its_out_folder_before_any_work(tmp_path):
-    (tmp_path / "metrics.json").write_text('{"my": "notes"}')
-    with pytest.raises(mnist_jax.UserError, match="metrics.json, which mnist_jax does not recognise as its own"):
-        mnist_jax.train(Config(), data=None, out=tmp_path)  # no data needed: it stops first
+def test_predict_goes_on_after_a_bad_file_and_fails_at_the_end(trained, tmp_path, capsys):
+    one_png(tmp_path / "a.png")
+    Image.fromarray(np.full((30, 30), 255, np.uint8)).save(tmp_path / "blank.png")
+    one_png(tmp_path / "c.png")
+    capsys.readouterr()
+    code = mnist_jax.main(["predict", str(tmp_path / "a.png"), str(tmp_path / "blank.png"), str(tmp_path / "c.png"),
+                           "--params", str(trained)])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert f"{tmp_path / 'a.png'}: " in out and f"{tmp_path / 'c.png'}: " in out  # C is read after B failed
+    assert "blank.png" in err and "1 of 3 files could not be read" in err

@@ -1,11 +1,14 @@
 """The IDX parser, the MNIST loader and the downloader, on files and a server the tests make."""
 import gzip
+import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import mnist_jax
-from conftest import idx_bytes, write_idx, write_mnist
+from conftest import ROOT, idx_bytes, write_idx, write_mnist
 
 # --- parsing -----------------------------------------------------------------
 
@@ -95,6 +98,62 @@ def test_own_files_are_accepted_with_one_note(tmp_path):
     assert len(lines) == 4 and all("not the published file" in line for line in lines)
 
 
+def test_published_content_is_recognised_however_it_was_compressed(tmp_path, monkeypatch, published):
+    """A re-packed copy of the published data prints no note; a subset of it does."""
+    for name, data in published.items():
+        (tmp_path / name).write_bytes(gzip.compress(gzip.decompress(data), compresslevel=1))  # other .gz bytes
+    lines = []
+    mnist_jax.load_mnist(tmp_path, log=lines.append)
+    assert lines == []
+    images = mnist_jax.read_idx(tmp_path / "t10k-images-idx3-ubyte.gz")
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images[:50])
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", mnist_jax.read_idx(tmp_path / "t10k-labels-idx1-ubyte.gz")[:50])
+    mnist_jax.load_mnist(tmp_path, log=lines.append)
+    assert len(lines) == 2 and all("not the published file" in line for line in lines)
+
+
+def test_data_dir_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "data").write_text("not a folder")
+    code = mnist_jax.main(["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "o")])
+    assert code == 1 and f"--data-dir {tmp_path / 'data'} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_implausible_header_is_refused_before_reading_on(tmp_path):
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">3I", 4_000_000_000, 28, 28))
+    with pytest.raises(mnist_jax.DataError, match="promises shape .4000000000, 28, 28., .* more than"):
+        mnist_jax.read_idx(path)
+
+
+BOMB = """
+import gzip, resource, struct, sys, zlib
+sys.path.insert(0, sys.argv[1])
+import mnist_jax
+path = sys.argv[2]
+# A header promising 60,000 images (47 MB), followed by 1 GiB of zeros: a 1 MB gzip file.
+with open(path, "wb") as raw:
+    z = zlib.compressobj(1, zlib.DEFLATED, 31)
+    raw.write(z.compress(bytes([0, 0, 8, 3]) + struct.pack(">3I", 60000, 28, 28)))
+    block = bytes(1 << 24)
+    for _ in range(64):
+        raw.write(z.compress(block))
+    raw.write(z.flush())
+try:
+    mnist_jax.read_idx(path)
+except mnist_jax.DataError as e:
+    print("refused:", e)
+print("peak MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_gzip_bomb_is_refused_with_bounded_memory(tmp_path):
+    result = subprocess.run([sys.executable, "-c", BOMB, str(ROOT), str(tmp_path / "train-images-idx3-ubyte.gz")],
+                            capture_output=True, text=True, timeout=300)
+    assert "refused:" in result.stdout and "longer than its header says" in result.stdout, result.stderr
+    peak = int(result.stdout.split("peak MB")[1])
+    assert peak < 1000, f"{peak} MB"
+
+
 # --- downloading from a local server -------------------------------------------
 
 def test_first_mirror_html_second_good(tmp_path, server, published):
@@ -177,3 +236,37 @@ def test_written_files_follow_the_umask(tmp_path, server, published):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_body_longer_than_the_published_size_is_cut_off(tmp_path, server, published):
+    with pytest.raises(mnist_jax.DataError, match=r"sent more than the published [\d,]+ bytes .stopped there") as err:
+        mnist_jax.download("t10k-labels-idx1-ubyte.gz", tmp_path, [f"{server.url}/endless/"])
+    assert "endless" in str(err.value) and list(tmp_path.iterdir()) == []
+
+
+def test_a_dripping_mirror_meets_a_deadline_and_shows_progress(tmp_path, server, published, monkeypatch):
+    monkeypatch.setattr(mnist_jax, "DOWNLOAD_MIN_SECONDS", 1.5)
+    lines = []
+    with pytest.raises(mnist_jax.DataError, match=r"too slow: \d+ of [\d,]+ bytes after \d+ s"):
+        mnist_jax.download("t10k-labels-idx1-ubyte.gz", tmp_path, [f"{server.url}/drip/"], log=lines.append)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(mnist_jax, "DOWNLOAD_MIN_SECONDS", 10)
+    with pytest.raises(mnist_jax.DataError, match="too slow"):
+        mnist_jax.download("t10k-labels-idx1-ubyte.gz", tmp_path, [f"{server.url}/drip/"], log=lines.append)
+    assert any("MB/s" in line and " of " in line for line in lines)  # the progress line
+
+
+def test_a_full_disk_names_the_file_and_leaves_nothing(tmp_path, server, published, monkeypatch):
+    import errno
+    import os
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(mnist_jax.UserError, match="could not write .*t10k-labels-idx1-ubyte.gz.*disk holding .* is "
+                                                  "full: free some space there"):
+        mnist_jax.download("t10k-labels-idx1-ubyte.gz", tmp_path, [f"{server.url}/good/"])
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert list(tmp_path.iterdir()) == []

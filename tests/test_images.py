@@ -1,4 +1,6 @@
 """Checkpoints and predict_digit on a user's own pictures."""
+import json
+
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
@@ -33,8 +35,10 @@ def font_model(tmp_path_factory):
          * 255).astype(np.uint8) for i, d in enumerate(labels)])
     data = mnist_jax.Dataset(images[:1200], labels[:1200], images[1200:], labels[1200:])
     out = tmp_path_factory.mktemp("font_model")
-    run = mnist_jax.train(Config(hidden=(128,), epochs=8, dropout=0.0), data, out=out, log=lambda _: None)
+    cfg = Config(hidden=(128,), epochs=8, dropout=0.0).resolved()
+    run = mnist_jax.train(cfg.net(), data, cfg.hyper(), cfg.epochs, cfg.batch_size, log=lambda _: None)
     assert run.epochs[-1]["test_accuracy"] > 0.9
+    mnist_jax.save_checkpoint(out, cfg.to_json(), run.model)
     return out / "params.npz"
 
 
@@ -70,12 +74,14 @@ def test_predict_digit_takes_paths_and_pil_images(font_model, tmp_path):
     assert probs.shape == (10,) and abs(probs.sum() - 1) < 1e-5 and probs.argmax() == 3
 
 
-def test_default_checkpoint_is_runs_params(font_model, tmp_path, monkeypatch):
+def test_default_checkpoint_is_the_latest_run(font_model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(mnist_jax.CheckpointError, match=r"no checkpoint at runs/params.npz.*python mnist_jax.py"):
+    with pytest.raises(mnist_jax.CheckpointError, match=r"no trained model yet: runs/latest does not exist.*"
+                                                        r"python mnist_jax.py"):
         mnist_jax.predict_digit(render(1))
-    (tmp_path / "runs").mkdir()
-    (tmp_path / "runs" / "params.npz").write_bytes(font_model.read_bytes())
+    (tmp_path / "runs" / "mlp-1").mkdir(parents=True)
+    (tmp_path / "runs" / "mlp-1" / "params.npz").write_bytes(font_model.read_bytes())
+    mnist_jax.point_latest_at(mnist_jax.RUNS / "mlp-1")
     assert mnist_jax.predict_digit(paper_photo(render(5, seed=3))) == 5
 
 
@@ -101,7 +107,7 @@ def test_same_digit_any_polarity_or_size_preprocesses_alike():
     (np.full((50, 50), 200, np.uint8), "blank"),
     (np.random.default_rng(0).normal(128, 3, (50, 50)).clip(0, 255).astype(np.uint8), "blank"),
     (np.zeros((5, 5, 2)), "shape"),
-    (np.full((4, 4), np.nan), "NaN"),
+    (np.full((4, 4), np.nan), "the image holds NaN"),
 ])
 def test_unusable_images_get_a_clear_error(image, message):
     with pytest.raises(mnist_jax.ImageError, match=message):
@@ -123,24 +129,76 @@ def test_missing_unreadable_and_huge_files(tmp_path, monkeypatch):
 # --- checkpoints ---------------------------------------------------------------
 
 def test_checkpoint_round_trip_keeps_predictions(font_model, tmp_path):
-    ckpt = mnist_jax.load_params(font_model)
+    model = mnist_jax.load_params(font_model)
     x = mnist_jax.preprocess(render(8)).reshape(1, 784)
-    run = mnist_jax.Run(ckpt.config, ckpt.net, ckpt.params, ckpt.stats)
-    mnist_jax.save_checkpoint(tmp_path, run)
+    config = json.loads(str(np.load(font_model)["config"]))
+    mnist_jax.save_checkpoint(tmp_path, config, model)
     again = mnist_jax.load_params(tmp_path / "params.npz")
-    assert again.config == ckpt.config and again.net == ckpt.net
-    np.testing.assert_array_equal(mnist_jax.predict(again.net, again.params, again.stats, x),
-                                  mnist_jax.predict(ckpt.net, ckpt.params, ckpt.stats, x))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "params.npz"]  # no temp files left
+    np.testing.assert_array_equal(mnist_jax.predict(again, x), mnist_jax.predict(model, x))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.npz"]  # no temp files left
 
 
 def test_batchnorm_statistics_are_saved(tmp_path):
     from conftest import pattern_digits
     data = mnist_jax.Dataset(*pattern_digits(256, 0), *pattern_digits(64, 1))
-    run = mnist_jax.train(Config(hidden=(16,), epochs=1, batchnorm=True), data, out=tmp_path, log=lambda _: None)
-    ckpt = mnist_jax.load_params(tmp_path / "params.npz")
-    np.testing.assert_array_equal(ckpt.stats[1]["mean"], run.stats[1]["mean"])
-    assert float(np.abs(ckpt.stats[1]["mean"]).sum()) > 0  # really the running averages, not the initial zeros
+    cfg = Config(hidden=(16,), epochs=1, batchnorm=True).resolved()
+    run = mnist_jax.train(cfg.net(), data, cfg.hyper(), 1, 128, log=lambda _: None)
+    mnist_jax.save_checkpoint(tmp_path, cfg.to_json(), run.model)
+    model = mnist_jax.load_params(tmp_path / "params.npz")
+    np.testing.assert_array_equal(model.stats[1]["mean"], run.model.stats[1]["mean"])
+    assert float(np.abs(model.stats[1]["mean"]).sum()) > 0  # really the running averages, not the initial zeros
+
+
+def edited_checkpoint(font_model, path, **changes):
+    with np.load(font_model) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays.update(changes)
+    np.savez(path, **arrays)
+    return path
+
+
+def test_checkpoint_holding_nan_is_refused_with_the_layer_named(font_model, tmp_path):
+    with np.load(font_model) as f:
+        w = f["params[0]['W']"].copy()
+    w[3, 5] = np.nan
+    path = edited_checkpoint(font_model, tmp_path / "nan.npz", **{"params[0]['W']": w})
+    with pytest.raises(mnist_jax.CheckpointError, match=r"params\[0\]\['W'\] holds NaN or infinite values"):
+        mnist_jax.load_params(path)
+
+
+LARGE_MEMBER = """
+import resource, sys, zipfile
+sys.path.insert(0, sys.argv[1])
+import mnist_jax
+import numpy as np
+src, path = sys.argv[2], sys.argv[3]
+with zipfile.ZipFile(src) as a, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as b:
+    for info in a.infolist():
+        if info.filename == "params[0]['W'].npy":  # 2 GiB of zeros in place of the first layer's weights
+            with b.open(info.filename, "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False,
+                                                         "shape": (536870912,)})
+                block = bytes(1 << 24)
+                for _ in range(128):
+                    f.write(block)
+        else:
+            b.writestr(info, a.read(info))
+try:
+    mnist_jax.load_params(path)
+except mnist_jax.CheckpointError as e:
+    print("refused:", e)
+print("peak MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_checkpoint_member_that_unpacks_to_gigabytes_is_refused_with_bounded_memory(font_model, tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    result = subprocess.run([sys.executable, "-c", LARGE_MEMBER, str(ROOT), str(font_model),
+                             str(tmp_path / "large.npz")], capture_output=True, text=True, timeout=300)
+    assert "refused:" in result.stdout and "declares 2,147,483,776 bytes" in result.stdout, result.stderr
+    assert int(result.stdout.split("peak MB")[1]) < 1000
 
 
 def test_bad_checkpoints_are_named(font_model, tmp_path):
@@ -160,22 +218,21 @@ def test_bad_checkpoints_are_named(font_model, tmp_path):
 
 
 def test_checkpoint_with_mismatched_shapes_is_refused(font_model, tmp_path):
-    import json
     with np.load(font_model) as f:
         arrays = {k: f[k] for k in f.files}
     config = json.loads(str(arrays["config"]))
     config["hidden"] = [64]
     arrays["config"] = np.array(json.dumps(config))
     np.savez(tmp_path / "edited.npz", **arrays)
-    with pytest.raises(mnist_jax.CheckpointError, match="has shape"):
+    with pytest.raises(mnist_jax.CheckpointError, match=r"params\[0\]\['W'\] declares .* shape \(64, 784\)"):
         mnist_jax.load_params(tmp_path / "edited.npz")
 
 
 def test_checkpoint_from_an_older_version_is_named_as_such(font_model, tmp_path):
-    """Format 1 stored dense weights (in, out); read as (out, in) a square layer would be silently transposed."""
+    """An older format's keys and layouts differ (format 1 even stored dense weights transposed)."""
     with np.load(font_model) as f:
         arrays = {k: f[k] for k in f.files}
-    arrays["format"] = np.array("mnist_jax checkpoint 1")
+    arrays["format"] = np.array("mnist_jax checkpoint 2")
     np.savez(tmp_path / "old.npz", **arrays)
     with pytest.raises(mnist_jax.CheckpointError, match="another version of mnist_jax .*Train it again"):
         mnist_jax.load_params(tmp_path / "old.npz")

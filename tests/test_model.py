@@ -1,4 +1,4 @@
-"""The network, its hand-written gradients, the SGD step and the training loop, on small data."""
+"""The network, its hand-written gradients, the optimisers and the training loop, on small data."""
 import dataclasses
 import json
 from functools import partial
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import mnist_jax
-from mnist_jax import Config
+from mnist_jax import Config, Hyper
 
-SETUPS = {  # every model the CLI can build, small enough to check quickly
+SETUPS = {  # every network the CLI can build, small enough to check quickly
     "mlp-relu": Config(hidden=(32, 16)),
     "mlp-tanh": Config(hidden=(32,), activation="tanh"),
     "mlp-bn-dropout": Config(hidden=(32, 16), batchnorm=True, dropout=0.3),
@@ -26,48 +26,63 @@ def random_batch(n=6, seed=0):
     return jnp.asarray(rng.random((n, 784), np.float32)), jnp.asarray(rng.integers(0, 10, n), jnp.int32)
 
 
+def perturbed(model, seed=2):
+    """Random (not freshly initialised) parameters, so that biases and batch-norm scales matter too."""
+    leaves, treedef = jax.tree.flatten(model.params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    params = jax.tree.unflatten(treedef, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    return dataclasses.replace(model, params=params)
+
+
 @pytest.mark.parametrize("name", SETUPS)
 def test_manual_gradients_match_jax_grad(name):
-    net = mnist_jax.build_net(SETUPS[name])
-    params, stats = mnist_jax.init_params(jax.random.key(1), net)
-    # random (not freshly initialised) parameters, so biases and batch-norm scales matter too
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(2), len(leaves))
-    params = jax.tree.unflatten(treedef, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    model = perturbed(mnist_jax.init_params(jax.random.key(1), SETUPS[name].net()))
     images, labels = random_batch()
     key = jax.random.key(3)
-    auto = jax.jit(mnist_jax.auto_gradients, static_argnums=0)(net, params, stats, images, labels, key)
-    manual = jax.jit(mnist_jax.manual_gradients, static_argnums=0)(net, params, stats, images, labels, key)
-    np.testing.assert_allclose(auto[0], manual[0], rtol=1e-6)
+    grad = jax.jit(mnist_jax.gradients, static_argnames="by_hand")
+    auto_loss, (auto_log_probs, _), auto = grad(model, images, labels, key, by_hand=False)
+    manual_loss, (manual_log_probs, _), manual = grad(model, images, labels, key, by_hand=True)
+    np.testing.assert_allclose(auto_loss, manual_loss, rtol=1e-6)
+    np.testing.assert_allclose(auto_log_probs, manual_log_probs, rtol=1e-5, atol=1e-6)
+    # The hand-written gradients must have exactly the parameters' structure: a missing one would
+    # otherwise be dropped silently when the leaves are paired up below.
+    assert jax.tree.structure(manual) == jax.tree.structure(model.params)
     # Relative to the largest gradient anywhere: a bias just before batch norm has a true gradient
     # of exactly 0, so its own scale is float noise.
-    scale = max(float(jnp.abs(a).max()) for a in jax.tree.leaves(auto[3]))
-    for a, m in zip(jax.tree.leaves(auto[3]), jax.tree.leaves(manual[3])):
+    scale = max(float(jnp.abs(a).max()) for a in jax.tree.leaves(auto))
+    for a, m in zip(jax.tree.leaves(auto), jax.tree.leaves(manual)):
         np.testing.assert_allclose(np.asarray(m) / scale, np.asarray(a) / scale, atol=1e-5)
-    assert jax.tree.structure(auto[3]) == jax.tree.structure(params)
-    for a, m in zip(jax.tree.leaves(auto[1]), jax.tree.leaves(manual[1])):  # same running statistics
-        np.testing.assert_allclose(a, m, rtol=1e-6)
 
 
-@pytest.mark.parametrize("layer, shape", [(("batchnorm",), (5, 4)), (("conv", 3, 3), (2, 6, 6, 2)),
-                                          (("maxpool",), (2, 5, 5, 3)), (("tanh",), (3, 7))])
+def test_a_missing_hand_written_gradient_is_caught():
+    """The structure check above fails when a backward pass forgets a parameter."""
+    dense = mnist_jax.Dense(10)
+    forgetful = dense._replace(backward=lambda params, x, dy: ({"W": dy.T @ x}, dy @ params["W"]))  # no "b"
+    model = mnist_jax.init_params(jax.random.key(0), mnist_jax.serial(forgetful))
+    images, labels = random_batch()
+    _, _, manual = mnist_jax.gradients(model, images, labels, jax.random.key(0), by_hand=True)
+    assert jax.tree.structure(manual) != jax.tree.structure(model.params)
+
+
+@pytest.mark.parametrize("layer, shape", [
+    (mnist_jax.BatchNorm(), (5, 4)), (mnist_jax.Conv(3, 3), (2, 6, 6, 2)), (mnist_jax.MaxPool(), (2, 5, 5, 3)),
+    (mnist_jax.Tanh(), (3, 7)), (mnist_jax.Dense(4), (3, 5)), (mnist_jax.Relu(), (3, 7))])
 def test_backward_matches_finite_differences(layer, shape):
     """d/dt L(x + t v) at t=0, by central differences in float64, against <dL/dx, v> from `backward`."""
     with jax.enable_x64(True):
         rng = np.random.default_rng(0)
-        kind = mnist_jax.LAYERS[layer[0]]
-        p, s, out_shape = kind.init(jax.random.key(0), layer, shape[1:])
+        p, out_shape = layer.init(jax.random.key(0), shape[1:])
         p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) + 0.3, p)
         x, v = jnp.asarray(rng.normal(size=shape)), jnp.asarray(rng.normal(size=shape))
         weights = jnp.asarray(rng.normal(size=(shape[0],) + out_shape))
+        ctx = mnist_jax.Ctx(train=True)
 
         def loss(x):
-            y, _, cache = kind.forward(layer, p, s, x, True, None)
-            return (jnp.sin(y) * weights).sum(), cache
+            y, cache = layer.forward(p, x, ctx)
+            return (jnp.sin(y) * weights).sum(), (y, cache)
 
-        _, cache = loss(x)
-        y = kind.forward(layer, p, s, x, True, None)[0]
-        _, dx = kind.backward(layer, p, cache, jnp.cos(y) * weights)
+        _, (y, cache) = loss(x)
+        _, dx = layer.backward(p, cache, jnp.cos(y) * weights)
         eps = 1e-6
         numeric = (loss(x + eps * v)[0] - loss(x - eps * v)[0]) / (2 * eps)
         np.testing.assert_allclose(float((dx * v).sum()), float(numeric), rtol=1e-6)
@@ -81,14 +96,21 @@ def test_log_softmax_is_stable_and_normalised():
     np.testing.assert_allclose(out[1], -np.log(10), rtol=1e-6)
 
 
+def always_nine():
+    """A one-layer model whose bias alone picks 9."""
+    model = mnist_jax.init_params(jax.random.key(0), mnist_jax.serial(mnist_jax.Dense(10)))
+    return dataclasses.replace(model, params=[{"W": jnp.zeros((10, 784)), "b": jnp.arange(10.0)}])
+
+
 def test_loss_and_accuracy_on_known_values():
-    net = (("dense", 10),)
-    params = [{"w": jnp.zeros((10, 784)), "b": jnp.arange(10.0)}]  # always says 9
+    model = always_nine()
     images, _ = random_batch(4)
     labels = jnp.array([9, 9, 0, 1])
-    assert float(mnist_jax.accuracy(net, params, [{}], images, labels)) == 0.5
+    assert float(mnist_jax.accuracy(model, images, labels)) == 0.5
     expected = -np.mean(jax.nn.log_softmax(jnp.arange(10.0))[np.array([9, 9, 0, 1])])
-    np.testing.assert_allclose(mnist_jax.loss(net, params, [{}], images, labels), expected, rtol=1e-6)
+    value, (log_probs, _) = mnist_jax.loss(model, images, labels)
+    np.testing.assert_allclose(value, expected, rtol=1e-6)
+    np.testing.assert_allclose(log_probs, mnist_jax.predict(model, images), rtol=1e-6)
 
 
 def pattern_data(n_train=512, n_test=256):
@@ -96,43 +118,74 @@ def pattern_data(n_train=512, n_test=256):
     return mnist_jax.Dataset(*pattern_digits(n_train, 0), *pattern_digits(n_test, 1))
 
 
-def test_sgd_steps_lower_the_loss():
-    net = mnist_jax.build_net(Config(hidden=(64,)))
-    params, stats = mnist_jax.init_params(jax.random.key(0), net)
-    velocity = jax.tree.map(jnp.zeros_like, params)
+def start(cfg, hyper):
+    model = mnist_jax.init_params(jax.random.key(0), cfg.net())
+    return mnist_jax.start_training(model, hyper)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_steps_lower_the_loss(optimizer):
+    hyper = Hyper(lr=0.05 if optimizer == "sgd" else 0.002, optimizer=optimizer, total_steps=1000)
+    state = start(Config(hidden=(64,)), hyper)
     data = pattern_data()
     x, y = jnp.asarray(mnist_jax.as_inputs(data.train_images[:128])), jnp.asarray(data.train_labels[:128], jnp.int32)
-    before = float(mnist_jax.loss(net, params, stats, x, y))
+    before = float(mnist_jax.loss(state.model, x, y)[0])
     for i in range(10):
-        params, stats, velocity, _, _ = mnist_jax.update(net, params, stats, velocity, x, y, jax.random.key(i),
-                                                         jnp.float32(0.05), momentum=0.9)
-    assert float(mnist_jax.loss(net, params, stats, x, y)) < 0.5 * before
+        state, value, correct = mnist_jax.update(state, x, y, jax.random.key(i), hyper)
+    assert float(mnist_jax.loss(state.model, x, y)[0]) < 0.5 * before and int(state.step) == 10
 
 
 def test_weight_decay_adds_the_l2_gradient():
     """One step from zero velocity: param <- param - lr * (gradient + weight_decay * param)."""
-    net = mnist_jax.build_net(Config(hidden=(8,), dropout=0.0))
-    params, stats = mnist_jax.init_params(jax.random.key(0), net)
-    velocity = jax.tree.map(jnp.zeros_like, params)
+    state = start(Config(hidden=(8,), dropout=0.0), Hyper())
     x, y = random_batch()
-    lr, wd = jnp.float32(0.1), 0.5
-    plain = mnist_jax.update(net, params, stats, velocity, x, y, jax.random.key(1), lr, 0.9, 0.0)[0]
-    decayed = mnist_jax.update(net, params, stats, velocity, x, y, jax.random.key(1), lr, 0.9, wd)[0]
-    for p, a, b in zip(jax.tree.leaves(params), jax.tree.leaves(plain), jax.tree.leaves(decayed)):
-        np.testing.assert_allclose(a - b, lr * wd * p, atol=1e-6)
+    plain = mnist_jax.update(state, x, y, jax.random.key(1), Hyper(lr=0.1))[0]
+    decayed = mnist_jax.update(state, x, y, jax.random.key(1), Hyper(lr=0.1, weight_decay=0.5))[0]
+    for p, a, b in zip(*(jax.tree.leaves(s.model.params) for s in (state, plain, decayed))):
+        np.testing.assert_allclose(a - b, 0.1 * 0.5 * p, atol=1e-6)
 
 
 def test_momentum_zero_is_plain_sgd():
-    net = mnist_jax.build_net(Config(hidden=(8,), dropout=0.0))
-    params, stats = mnist_jax.init_params(jax.random.key(0), net)
-    velocity = jax.tree.map(jnp.zeros_like, params)
+    state = start(Config(hidden=(8,), dropout=0.0), Hyper())
     x, y = random_batch()
-    grads = jax.grad(lambda p: mnist_jax.loss(net, p, stats, x, y))(params)  # no dropout: train = eval
-    new, _, new_velocity, _, _ = mnist_jax.update(net, params, stats, velocity, x, y, jax.random.key(1),
-                                                  jnp.float32(0.1), 0.0)
-    for p, g, n in zip(jax.tree.leaves(params), jax.tree.leaves(grads), jax.tree.leaves(new)):
+    grads = jax.grad(lambda p: mnist_jax.loss(dataclasses.replace(state.model, params=p), x, y)[0])(state.model.params)
+    new, _, _ = mnist_jax.update(state, x, y, jax.random.key(1), Hyper(lr=0.1, momentum=0.0))
+    for p, g, n in zip(*(jax.tree.leaves(t) for t in (state.model.params, grads, new.model.params))):
         np.testing.assert_allclose(n, p - 0.1 * g, atol=1e-6)
-    assert all(not leaf.any() for leaf in jax.tree.leaves(new_velocity))  # never read, left as it was
+    assert all(not leaf.any() for leaf in jax.tree.leaves(new.velocity))  # never read, left as it was
+
+
+def test_one_adam_step_by_hand():
+    """Step 1 from zero moments: m = 0.1 g, v = 0.001 g^2, m_hat = g, v_hat = g^2, so each parameter moves
+    by lr * g / (|g| + eps); step 2 checked against the formula written out in NumPy."""
+    hyper = Hyper(lr=0.01, optimizer="adam", schedule="linear", total_steps=1000)
+    state = start(Config(hidden=(8,), dropout=0.0), hyper)
+    x, y = random_batch()
+    grad_of = lambda model: jax.grad(lambda p: mnist_jax.loss(dataclasses.replace(model, params=p), x, y)[0])(
+        model.params)
+    g1 = grad_of(state.model)
+    one, _, _ = mnist_jax.update(state, x, y, jax.random.key(0), hyper)
+    for p, g, n in zip(*(jax.tree.leaves(t) for t in (state.model.params, g1, one.model.params))):
+        np.testing.assert_allclose(n, p - 0.01 * g / (np.abs(g) + 1e-8), rtol=1e-4, atol=1e-7)
+    g2 = grad_of(one.model)
+    two, _, _ = mnist_jax.update(one, x, y, jax.random.key(0), hyper)
+    lr2 = 0.01 * (1 - 1 / 1000)  # the linear schedule's second step
+    for p, a, b, n in zip(*(jax.tree.leaves(t) for t in (one.model.params, g1, g2, two.model.params))):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        m = 0.9 * (0.1 * a) + 0.1 * b
+        v = 0.999 * (0.001 * a * a) + 0.001 * b * b
+        expected = np.asarray(p) - lr2 * (m / (1 - 0.9**2)) / (np.sqrt(v / (1 - 0.999**2)) + 1e-8)
+        np.testing.assert_allclose(n, expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "onecycle", "cosine"])
+def test_learning_rate_schedules(schedule):
+    hyper = Hyper(lr=0.1, schedule=schedule, total_steps=1000)
+    rates = np.asarray(mnist_jax.learning_rate(hyper, np.arange(1000)))
+    assert rates.max() == pytest.approx(0.1, rel=0.01) and rates[-1] < 0.001 and (rates >= 0).all()
+    peak = int(rates.argmax())
+    assert {"linear": peak == 0, "onecycle": 240 <= peak <= 260, "cosine": 40 <= peak <= 60}[schedule]
+    assert (np.diff(rates[peak:]) <= 1e-9).all() and (np.diff(rates[:peak + 1]) >= -1e-9).all()
 
 
 def test_as_inputs_scales_bytes_the_same_on_host_and_device():
@@ -143,25 +196,16 @@ def test_as_inputs_scales_bytes_the_same_on_host_and_device():
     np.testing.assert_array_equal(np.asarray(mnist_jax.as_inputs(jnp.asarray(images))), host)
 
 
-def epoch_inputs(n=10):
-    """A model that always says 9, and n images of which all but the last two are labelled 9."""
-    net = mnist_jax.build_net(Config(hidden=(4,), dropout=0.0))
-    params, stats = mnist_jax.init_params(jax.random.key(0), net)
-    params[-1]["b"] = jnp.arange(10.0) * 100  # the last layer's bias alone picks 9
-    images = jnp.zeros((n, 28, 28), jnp.uint8)
-    labels = jnp.asarray([9] * (n - 2) + [0, 0], jnp.int32)
-    return net, params, stats, images, labels
-
-
 def test_train_epoch_takes_batches_in_the_given_order_and_leaves_the_rest_out():
-    net, params, stats, images, labels = epoch_inputs()
-    velocity = jax.tree.map(jnp.zeros_like, params)
-    hyper = mnist_jax.Hyper(lr=1e-9, momentum=0.0, weight_decay=0.0)
+    state = mnist_jax.start_training(always_nine(), Hyper())
+    images = jnp.zeros((10, 28, 28), jnp.uint8)
+    labels = jnp.asarray([9] * 8 + [0, 0], jnp.int32)
+    hyper = Hyper(lr=1e-9, momentum=0.0, total_steps=2)
     accuracy = {}
     for name, order in (("ones labelled 0 last", np.arange(10)), ("ones labelled 0 first", np.arange(10)[::-1])):
-        out = mnist_jax.train_epoch(net, "auto", 4, hyper, params, stats, velocity, images, labels,
-                                    jnp.asarray(order, jnp.int32), jax.random.key(0), 0, 2)
-        accuracy[name] = float(out[4])
+        out = mnist_jax.train_epoch(state, images, labels, jnp.asarray(order, jnp.int32), jax.random.key(0),
+                                    hyper, 4)
+        accuracy[name] = float(out[2])
     # Two batches of 4: the last two images of the order sit out.
     assert accuracy == {"ones labelled 0 last": 1.0, "ones labelled 0 first": 0.75}
 
@@ -170,73 +214,80 @@ def test_train_epoch_takes_batches_in_the_given_order_and_leaves_the_rest_out():
 def test_compiled_epoch_matches_plain_jit_and_survives_an_unknown_option(monkeypatch, options):
     if options is not None:  # an XLA that does not know the option must still train
         monkeypatch.setattr(mnist_jax, "CPU_COMPILER_OPTIONS", options)
-    net = mnist_jax.build_net(Config(hidden=(16,), dropout=0.1))
-    params, stats = mnist_jax.init_params(jax.random.key(0), net)
-    velocity = jax.tree.map(jnp.zeros_like, params)
+    hyper = Hyper(0.05, 0.9, 1e-4, total_steps=8)
+    state = start(Config(hidden=(16,), dropout=0.1), hyper)
     data = pattern_data(256, 8)
-    args = (params, stats, velocity, jnp.asarray(data.train_images), jnp.asarray(data.train_labels, jnp.int32),
-            jnp.asarray(np.random.default_rng(0).permutation(256), jnp.int32), jax.random.key(1), 0, 8)
-    hyper = mnist_jax.Hyper(0.05, 0.9, 1e-4)
-    compiled = mnist_jax.compile_epoch(net, "auto", 64, hyper, *args)(*args)
-    plain = jax.jit(partial(mnist_jax.train_epoch, net, "auto", 64, hyper))(*args)
+    args = (state, jnp.asarray(data.train_images), jnp.asarray(data.train_labels, jnp.int32),
+            jnp.asarray(np.random.default_rng(0).permutation(256), jnp.int32), jax.random.key(1))
+    epoch = partial(mnist_jax.train_epoch, hyper=hyper, batch_size=64)
+    compiled = mnist_jax.compile_function(epoch, *args)(*args)
+    plain = jax.jit(epoch)(*args)
     for a, b in zip(jax.tree.leaves(compiled), jax.tree.leaves(plain)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+def train(cfg, data, **kwargs):
+    cfg = cfg.resolved()
+    return mnist_jax.train(cfg.net(), data, cfg.hyper(), cfg.epochs, cfg.batch_size, cfg.seed, log=lambda _: None,
+                           **kwargs)
+
+
 @pytest.mark.parametrize("grad", ["auto", "manual"])
-def test_whole_loop_learns_small_data(tmp_path, grad):
-    cfg = Config(hidden=(64,), epochs=3, grad=grad, batchnorm=True, dropout=0.1)
-    lines = []
-    run = mnist_jax.train(cfg, pattern_data(), out=tmp_path, log=lines.append)
+def test_whole_loop_learns_small_data(grad):
+    cfg = Config(hidden=(64,), epochs=3, grad=grad, batchnorm=True, dropout=0.1).resolved()
+    lines, runs = [], []
+    run = mnist_jax.train(cfg.net(), pattern_data(), cfg.hyper(), 3, 128, log=lines.append, on_epoch=runs.append)
     assert run.epochs[-1]["test_accuracy"] > 0.95
     assert len(lines) == 1 + 3 and "compiled in" in lines[0] and "samples/s" in lines[-1]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3]
-    assert set(metrics["epochs"][0]) >= {"epoch", "seconds", "train_loss", "train_accuracy", "test_accuracy"}
-    assert metrics["test_accuracy"] == run.epochs[-1]["test_accuracy"]
-    assert len(metrics["f1"]) == 10 and np.array(metrics["confusion_matrix"]).sum() == 256
+    assert [e["epoch"] for e in run.epochs] == [1, 2, 3] and len(runs) == 3
+    assert set(run.epochs[0]) >= {"epoch", "seconds", "train_loss", "train_accuracy", "test_accuracy"}
+    assert set(run.seconds) == {"compile", "train", "evaluate"}
+    assert len(run.learning_rates) == 3 * (512 // 128) and run.learning_rates[0] == pytest.approx(0.05)
+    bn = run.model.stats[1]
+    assert float(np.abs(bn["mean"]).sum()) > 0  # the running averages moved from their start
+
+
+@pytest.mark.parametrize("optimizer, schedule", [("adam", "onecycle"), ("sgd", "cosine")])
+def test_other_optimisers_and_schedules_learn(optimizer, schedule):
+    cfg = Config(hidden=(64,), epochs=3, optimizer=optimizer, schedule=schedule, lr=0.003 if optimizer == "adam" else 0.05)
+    assert train(cfg, pattern_data()).epochs[-1]["test_accuracy"] > 0.95
 
 
 def test_per_sample_sgd_runs_compiled():
     cfg = Config(hidden=(32,), epochs=1, batch_size=1, lr=0.01, momentum=0.0, dropout=0.0)
-    run = mnist_jax.train(cfg, pattern_data(300, 100), log=lambda _: None)
-    assert run.epochs[-1]["test_accuracy"] > 0.9
+    assert train(cfg, pattern_data(300, 100)).epochs[-1]["test_accuracy"] > 0.9
+
+
+def test_batch_larger_than_the_training_set_is_refused():
+    with pytest.raises(mnist_jax.UserError, match="--batch-size 600 is larger than the training set .300 images"):
+        train(Config(hidden=(8,), batch_size=600), pattern_data(300, 10))
 
 
 def test_same_seed_same_numbers_other_seed_other_numbers():
     data = pattern_data(256, 64)
-    runs = [mnist_jax.train(Config(hidden=(16,), epochs=2, seed=s, dropout=0.2), data, log=lambda _: None)
-            for s in (5, 5, 6)]
+    runs = [train(Config(hidden=(16,), epochs=2, seed=s, dropout=0.2), data) for s in (5, 5, 6)]
     strip = lambda r: [{k: v for k, v in e.items() if k != "seconds"} for e in r.epochs]
     assert strip(runs[0]) == strip(runs[1])
     assert strip(runs[0]) != strip(runs[2])
 
 
-def test_divergence_stops_with_advice_and_keeps_last_finite_params(tmp_path):
-    data = pattern_data(256, 64)
-    cfg = Config(hidden=(16,), epochs=3, lr=1e30, momentum=0.0)
+def test_divergence_stops_with_advice():
     with pytest.raises(mnist_jax.Diverged, match=r"epoch 1: the loss became (nan|inf) at learning rate --lr 1e\+30"):
-        mnist_jax.train(cfg, data, out=tmp_path, log=lambda _: None)
-    assert not (tmp_path / "params.npz").exists()  # nothing non-finite was saved
+        train(Config(hidden=(16,), epochs=3, lr=1e30, momentum=0.0), pattern_data(256, 64))
 
 
-def test_divergence_in_a_later_epoch_keeps_the_earlier_checkpoint(tmp_path, monkeypatch):
-    data = pattern_data(256, 64)
+def test_divergence_in_a_later_epoch_keeps_the_last_finite_model(monkeypatch):
     real_epoch = mnist_jax.train_epoch
-    calls = []
 
-    def poisoned(*args):  # the second epoch's loss is NaN, as if the step size had blown up
-        out = real_epoch(*args)
-        calls.append(1)
-        step0 = args[-2]  # train_epoch(..., order, key, step0, total_steps)
-        return out[:3] + (jnp.where(step0 > 0, jnp.nan, out[3]),) + out[4:]
+    def poisoned(state, *args, **kwargs):  # the second epoch's loss is NaN, as if the step size had blown up
+        new, value, acc = real_epoch(state, *args, **kwargs)
+        return new, jnp.where(state.step > 0, jnp.nan, value), acc
 
     monkeypatch.setattr(mnist_jax, "train_epoch", poisoned)
-    with pytest.raises(mnist_jax.Diverged, match="epoch 2.*after epoch 1 are kept in"):
-        mnist_jax.train(Config(hidden=(16,), epochs=3), data, out=tmp_path, log=lambda _: None)
-    ckpt = mnist_jax.load_params(tmp_path / "params.npz")
-    assert all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(ckpt.params))
-    assert json.loads((tmp_path / "metrics.json").read_text())["epochs"][-1]["epoch"] == 1
+    seen = []
+    with pytest.raises(mnist_jax.Diverged, match="epoch 2"):
+        train(Config(hidden=(16,), epochs=3), pattern_data(256, 64), on_epoch=lambda run: seen.append(run.model))
+    assert len(seen) == 1 and all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(seen[0].params))
 
 
 def test_classification_report_by_hand():
@@ -252,10 +303,20 @@ def test_classification_report_by_hand():
 
 def test_resmlp_needs_equal_sizes():
     with pytest.raises(mnist_jax.UserError, match="same size"):
-        mnist_jax.build_net(Config(model="resmlp", hidden=(64, 32)))
+        mnist_jax.build_net("resmlp", (64, 32))
 
 
-def test_config_round_trips_through_json():
+def test_describe_reads_the_sizes_from_the_weights():
+    describe = lambda cfg: mnist_jax.describe(mnist_jax.init_params(jax.random.key(0), cfg.net()))
+    assert describe(Config()) == "784-512-512-10"
+    assert describe(Config(model="resmlp", hidden=(16, 16))) == "784-16-16-10"
+    assert describe(Config(model="cnn")) == "conv32-conv64-128-10"
+
+
+def test_config_round_trips_through_json_and_fills_per_model_defaults():
     cfg = Config(hidden=(7, 8), dropout=0.5, model="resmlp")
     assert Config.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
     assert dataclasses.replace(cfg, seed=3).seed == 3
+    assert Config().resolved().epochs == mnist_jax.MODEL_DEFAULTS["mlp"]["epochs"]
+    assert Config(model="cnn").resolved().epochs == mnist_jax.MODEL_DEFAULTS["cnn"]["epochs"]
+    assert Config(model="cnn", epochs=7).resolved().epochs == 7
