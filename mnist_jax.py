@@ -1618,8 +1618,19 @@ def check_fits_in_memory(cfg: Config) -> None:
                         "layers (--hidden) or a smaller --batch-size.")
 
 
+def use_compile_cache() -> None:
+    """Keep XLA's compiled programs on disk (in MNIST_JAX_CACHE, default ~/.cache/mnist_jax; empty: off), so
+    that a second run of the same network compiles in a fraction of the time (README, Speed)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnist_jax"
+    folder = os.environ.get("MNIST_JAX_CACHE", str(default))
+    if folder:
+        jax.config.update("jax_compilation_cache_dir", folder)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
 def _train_command(cfg: Config) -> int:
     timings = {"start": time.perf_counter() - STARTED}
+    use_compile_cache()
     cfg = cfg.resolved()
     check_fits_in_memory(cfg)
     started = time.perf_counter()

@@ -50,9 +50,11 @@ def write_mnist(folder: Path, n_train: int = 600, n_test: int = 200, compress: b
 
 
 @pytest.fixture(autouse=True)
-def no_public_mirrors(monkeypatch):
-    """Tests never reach a public host: unless a test sets its own, the only mirror is a closed local port."""
+def no_public_mirrors(monkeypatch, tmp_path_factory):
+    """Tests never reach a public host: unless a test sets its own, the only mirror is a closed local port.
+    And compiled programs are cached in a temporary folder, not the user's ~/.cache."""
     monkeypatch.setenv("MNIST_MIRRORS", "http://127.0.0.1:9/")
+    monkeypatch.setenv("MNIST_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "jax-cache"))
 
 
 @pytest.fixture

@@ -266,3 +266,42 @@ def test_predict_goes_on_after_a_bad_file_and_fails_at_the_end(trained, tmp_path
     assert code == 1
     assert f"{tmp_path / 'a.png'}: " in out and f"{tmp_path / 'c.png'}: " in out  # C is read after B failed
     assert "blank.png" in err and "1 of 3 files could not be read" in err
+
+
+def test_a_network_too_large_for_memory_is_refused_before_allocating(mnist_dir, tmp_path):
+    result = run_cli("--data-dir", mnist_dir, "--out", tmp_path / "o", "--hidden", "100000000")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "this network has 79,500,000,010 parameters" in result.stderr and "GiB of memory" in result.stderr
+    assert not (tmp_path / "o").exists()  # refused before the run folder (or anything else) was made
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_before_training(mnist_dir, tmp_path, monkeypatch, capsys):
+    import errno
+    import tempfile
+    trained = []
+    monkeypatch.setattr(mnist_jax, "train", lambda *a, **k: trained.append(1))
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    assert dry_run(mnist_dir, "--out", tmp_path / "o") == 1
+    err = capsys.readouterr().err
+    assert f"could not write {tmp_path / 'o' / 'config.json'}: Read-only file system" in err and "Traceback" not in err
+    assert trained == []
+
+
+def test_a_full_disk_while_saving_names_the_file_and_keeps_nothing_half_written(mnist_dir, tmp_path, monkeypatch,
+                                                                                   capsys):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full)
+    out = tmp_path / "o"
+    assert dry_run(mnist_dir, "--out", out) == 1
+    err = capsys.readouterr().err
+    assert f"could not write {out / 'params.npz'}: No space left on device" in err
+    assert f"the disk holding {out} is full: free some space there" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]  # no temporary or truncated file
