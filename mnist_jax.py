@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 
 # Plumbing, used from section 3 on (files, downloads, the command line):
-import argparse, errno, gzip, hashlib, http.client, io, json, math, os, socket, struct, sys, tempfile  # noqa: E401
-import time, urllib.error, urllib.request, warnings, zipfile, zlib  # noqa: E401
+import argparse, base64, errno, gzip, hashlib, http.client, http.server, io, ipaddress, json, math, os  # noqa: E401
+import signal, socket, socketserver, struct, sys, tempfile, threading, time, urllib.error, urllib.parse  # noqa: E401
+import urllib.request, warnings, zipfile, zlib  # noqa: E401
 from pathlib import Path
 
 STARTED = time.perf_counter()  # when this module began loading: the run's "import and start" time
@@ -1410,7 +1411,687 @@ def save_steps_figure(path: Path, image_name: str, steps: dict, probs: np.ndarra
 
 
 # =============================================================================
-# 7. Metrics and the command line
+# 7. Draw a digit in the browser: python mnist_jax.py serve
+# =============================================================================
+# A small web server from the standard library: GET / is one page (below) with a
+# canvas to draw on; while you draw, the page POSTs the drawing as a PNG to
+# /predict, which runs it through the same `preprocess` as `predict_digit` and
+# answers with the ten probabilities and the 28x28 image the network saw.
+
+SERVE_MAX_BODY = 2 * 1024 * 1024    # bytes of image a client may send
+SERVE_MAX_PIXELS = 24_000_000       # a 24-megapixel photo still fits; a small PNG claiming more does not
+SERVE_FORMATS = ("PNG", "JPEG", "WEBP")
+SERVE_TIMEOUT = 10.0                # seconds a client may stay silent in the middle of a request
+SERVE_DEADLINE = 30.0               # seconds one connection (one request: HTTP/1.0) may last in all
+SERVE_MAX_CONNECTIONS = 64          # open at once; more are answered 503 at once
+SERVE_PREDICTIONS_AT_ONCE = 2       # a big photo takes ~0.5 GB on its way through preprocess: this many at a time
+
+PAGE = r"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Draw a digit · mnist_jax</title>
+<style>
+  :root { --ink: #1b1b1f; --muted: #4b4b57; --paper: #fff; --back: #f1f1ee; --accent: #0b57d0;
+          --bar: #767f90; --error: #a4161a; }
+  * { box-sizing: border-box; }
+  body { margin: 0; font: 16px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+         color: var(--ink); background: var(--back); }
+  header, main, footer { max-width: 980px; margin: 0 auto; padding: 0 16px; }
+  h1 { font-size: 1.45rem; margin: 16px 0 2px; }
+  header p, footer p { margin: 0 0 12px; color: var(--muted); }
+  main { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: 16px; align-items: start; }
+  section { background: var(--paper); border-radius: 12px; padding: 16px; box-shadow: 0 1px 3px rgba(0,0,0,.15); }
+  #pad { display: block; width: 100%; max-width: 440px; aspect-ratio: 1 / 1; margin: 0 auto; background: #fff;
+         border: 2px solid var(--ink); border-radius: 8px; cursor: crosshair; touch-action: none;
+         user-select: none; -webkit-user-select: none; -webkit-touch-callout: none; }
+  .tools { display: flex; flex-wrap: wrap; gap: 8px; justify-content: center; margin-top: 12px; }
+  button, .upload { font: inherit; font-weight: 600; min-height: 44px; padding: 8px 18px; border-radius: 8px;
+                    border: 2px solid var(--accent); background: #fff; color: var(--accent); cursor: pointer; }
+  button:hover, .upload:hover { background: #e8effc; }
+  button:disabled { color: #6b6b75; border-color: #b9b9c2; background: #fff; cursor: default; }
+  :focus-visible, #photo:focus-visible + .upload { outline: 3px solid var(--ink); outline-offset: 2px; }
+  .hidden-input { position: absolute; width: 1px; height: 1px; opacity: 0; overflow: hidden; }
+  .hint { text-align: center; color: var(--muted); margin: 10px 0 0; font-size: .95rem; }
+  .answer { display: flex; align-items: center; justify-content: space-between; gap: 16px; flex-wrap: wrap; }
+  #digit { font-size: 5.5rem; font-weight: 700; line-height: 1; }
+  #confidence { color: var(--muted); }
+  figure { margin: 0; text-align: center; }
+  #seen { display: block; width: 112px; height: 112px; image-rendering: pixelated; background: #000;
+          border-radius: 4px; }
+  figcaption { font-size: .85rem; color: var(--muted); max-width: 140px; }
+  #number { font-size: 1.3rem; margin: 8px 0 0; }
+  #error { color: var(--error); font-weight: 600; min-height: 1.45em; margin: 8px 0 0; }
+  #bars { list-style: none; margin: 6px 0 0; padding: 0; }
+  #bars li { display: grid; grid-template-columns: 1.4em 1fr 3.6em; gap: 8px; align-items: center; height: 26px; }
+  .track { height: 14px; background: #e4e4e9; border-radius: 7px; overflow: hidden; }
+  .fill { display: block; height: 100%; width: 0; background: var(--bar); transition: width .12s; }
+  #bars li.top { font-weight: 700; }
+  #bars li.top .fill { background: var(--accent); }
+  .pct { text-align: right; font-variant-numeric: tabular-nums; }
+  .why { color: var(--muted); font-size: .95rem; margin: 12px 0 0; }
+  @media (max-width: 720px) {  /* a phone: one column, the answer close under the box */
+    main { grid-template-columns: minmax(0, 1fr); gap: 10px; } h1 { margin-top: 8px; } header p { display: none; }
+    section { padding: 10px; } #pad { max-width: min(440px, 55vh); } .hint { display: none; } }
+</style>
+</head>
+<body>
+<header>
+  <h1>Draw a digit</h1>
+  <p>A network trained on MNIST reads it as you draw: mouse, finger or pen.</p>
+</header>
+<main>
+  <section aria-label="Drawing">
+    <canvas id="pad" width="280" height="280" role="img"
+            aria-label="Drawing box: draw one digit with the mouse, a finger or a pen"></canvas>
+    <div class="tools">
+      <button type="button" id="undo" title="Undo the last stroke (Ctrl+Z)">Undo</button>
+      <button type="button" id="clear">Clear</button>
+      <input type="file" id="photo" class="hidden-input" accept="image/png,image/jpeg,image/webp,image/*">
+      <label for="photo" class="upload">Upload a photo</label>
+    </div>
+    <p class="hint" id="hint">Draw one digit, large, in the box.</p>
+    <noscript><p id="noscript">This page needs JavaScript to draw.</p></noscript>
+  </section>
+  <section aria-label="What the network reads">
+    <div class="answer">
+      <div>
+        <div id="digit" aria-live="polite">?</div>
+        <div id="confidence">draw a digit</div>
+      </div>
+      <figure>
+        <img id="seen" width="28" height="28" alt="The 28 by 28 pixel image the network saw">
+        <figcaption>What the network saw: 28&times;28 pixels</figcaption>
+      </figure>
+    </div>
+    <p id="number" hidden>Number read: <strong id="number-value"></strong></p>
+    <p id="error" role="alert"></p>
+    <ol id="bars" aria-label="Probability of each digit"></ol>
+    <p class="why">Why the small picture: the network learned from MNIST digits that are cropped, scaled to fit
+      20&times;20 pixels and centred in 28&times;28, so your drawing gets the same treatment first; a digit drawn
+      small or in a corner would otherwise look like nothing it has seen.</p>
+  </section>
+</main>
+<footer><p id="model">&nbsp;</p></footer>
+<script>
+"use strict";
+const pad = document.getElementById("pad");
+const ctx = pad.getContext("2d");
+const SIDE = pad.width;          // 280 canvas pixels; CSS scales the box to the screen
+const PEN = SIDE / 18;           // stroke width: about a pen on a sheet of paper
+const GAP_MS = 340;              // at most about 3 requests a second while drawing
+const MAX_BYTES = 2 * 1024 * 1024;
+const $ = id => document.getElementById(id);
+
+let strokes = [];                // each stroke: a list of [x, y] points in canvas pixels
+let current = null;              // the stroke being drawn: {id: pointerId, points}
+let photo = null;                // an uploaded photo, shown in the box and sent instead of strokes
+let version = 0;                 // goes up with every change of the drawing
+let dirty = false, busy = false, timer = null, lastSent = -1e9;
+
+// ---- drawing -------------------------------------------------------------------------------------------
+function paper() { ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, SIDE, SIDE); }
+function pen() { ctx.strokeStyle = ctx.fillStyle = "#000"; ctx.lineWidth = PEN; ctx.lineCap = ctx.lineJoin = "round"; }
+function dot([x, y]) { pen(); ctx.beginPath(); ctx.arc(x, y, PEN / 2, 0, 2 * Math.PI); ctx.fill(); }
+function segment(a, b) { pen(); ctx.beginPath(); ctx.moveTo(a[0], a[1]); ctx.lineTo(b[0], b[1]); ctx.stroke(); }
+function drawStroke(points) {
+  dot(points[0]);
+  for (let i = 1; i < points.length; i++) segment(points[i - 1], points[i]);
+}
+function redraw() { paper(); strokes.forEach(drawStroke); }
+function point(e) {   // pointer position -> canvas pixels, inside the border
+  const r = pad.getBoundingClientRect();
+  return [(e.clientX - r.left - pad.clientLeft) * SIDE / pad.clientWidth,
+          (e.clientY - r.top - pad.clientTop) * SIDE / pad.clientHeight];
+}
+
+pad.addEventListener("pointerdown", e => {
+  if (current || (e.pointerType === "mouse" && e.button !== 0)) return;
+  e.preventDefault();
+  if (photo) { photo = null; strokes = []; paper(); }   // drawing starts afresh over a photo
+  pad.setPointerCapture(e.pointerId);
+  current = { id: e.pointerId, points: [point(e)] };
+  strokes.push(current.points);
+  dot(current.points[0]);
+});
+pad.addEventListener("pointermove", e => {
+  if (!current || e.pointerId !== current.id) return;
+  const events = (e.getCoalescedEvents && e.getCoalescedEvents().length) ? e.getCoalescedEvents() : [e];
+  for (const ev of events) {
+    const p = point(ev), last = current.points[current.points.length - 1];
+    current.points.push(p);
+    segment(last, p);
+  }
+  changed();
+});
+function endStroke(e) {
+  if (!current || e.pointerId !== current.id) return;
+  current = null;
+  changed();   // always ask once more when a stroke ends
+}
+pad.addEventListener("pointerup", endStroke);
+pad.addEventListener("pointercancel", endStroke);
+pad.addEventListener("contextmenu", e => e.preventDefault());
+
+function undo() {
+  if (current) return;
+  if (photo) photo = null; else strokes.pop();
+  redraw(); changed();
+}
+function clearAll() {
+  if (current) return;
+  photo = null; strokes = [];
+  redraw(); changed();
+}
+$("undo").addEventListener("click", undo);
+$("clear").addEventListener("click", clearAll);
+document.addEventListener("keydown", e => {
+  if ((e.ctrlKey || e.metaKey) && !e.shiftKey && e.key.toLowerCase() === "z") {
+    e.preventDefault(); undo();
+  }
+});
+
+// ---- asking the server, at most every GAP_MS, and always for the last drawing --------------------------
+function empty() { return !photo && strokes.length === 0; }
+function changed() {
+  version++;
+  pad.dataset.version = version;
+  $("undo").disabled = empty();
+  $("clear").disabled = empty();
+  if (empty()) { dirty = false; showEmpty(); return; }
+  dirty = true;
+  pump();
+}
+function pump() {
+  if (busy || timer || !dirty) return;
+  timer = setTimeout(() => { timer = null; send(); }, Math.max(0, lastSent + GAP_MS - performance.now()));
+}
+function canvasPng() { return new Promise(done => pad.toBlob(done, "image/png")); }
+async function send() {
+  if (busy || !dirty) return;
+  dirty = false; busy = true; lastSent = performance.now();
+  const sent = version;
+  try {
+    const body = photo ? photo.blob : await canvasPng();
+    const reply = await fetch("/predict", { method: "POST", body,
+                                            headers: { "Content-Type": body.type || "application/octet-stream" } });
+    let data;
+    try { data = await reply.json(); } catch (err) { data = { error: `the server answered ${reply.status}` }; }
+    if (!empty()) {                    // cleared meanwhile: drop the answer
+      if (reply.ok) showResult(data); else showError(data.error || `the server answered ${reply.status}`);
+      $("bars").dataset.version = sent;
+    }
+  } catch (err) {
+    showError("Cannot reach the server: is `python mnist_jax.py serve` still running?");
+    $("bars").dataset.version = sent;
+  } finally {
+    busy = false;
+    pump();
+  }
+}
+
+// ---- showing the answer --------------------------------------------------------------------------------
+const bars = [];
+for (let d = 0; d < 10; d++) {
+  const li = document.createElement("li");
+  li.innerHTML = `<span>${d}</span><span class="track" role="meter" aria-label="probability of ${d}" ` +
+                 `aria-valuemin="0" aria-valuemax="100" aria-valuenow="0"><span class="fill"></span></span>` +
+                 `<span class="pct">0%</span>`;
+  $("bars").appendChild(li);
+  bars.push(li);
+}
+const blank28 = (() => { const c = document.createElement("canvas"); c.width = c.height = 28;
+  const g = c.getContext("2d"); g.fillStyle = "#000"; g.fillRect(0, 0, 28, 28); return c.toDataURL(); })();
+function percent(p) { return p >= 0.995 ? "100%" : p < 0.005 && p > 0 ? "<1%" : `${Math.round(100 * p)}%`; }
+function setBars(probs) {
+  const top = probs.indexOf(Math.max(...probs));
+  bars.forEach((li, d) => {
+    const p = probs[d];
+    li.dataset.p = p;
+    li.classList.toggle("top", probs.some(q => q > 0) && d === top);
+    li.querySelector(".fill").style.width = `${(100 * p).toFixed(1)}%`;
+    li.querySelector(".track").setAttribute("aria-valuenow", Math.round(100 * p));
+    li.querySelector(".pct").textContent = percent(p);
+  });
+}
+function showResult(data) {
+  $("digit").textContent = data.digit;
+  $("confidence").textContent = `${percent(data.probabilities[data.digit])} sure`;
+  setBars(data.probabilities);
+  $("seen").src = data.input28;
+  $("number").hidden = !("number" in data);
+  $("number-value").textContent = data.number || "";
+  $("error").textContent = "";
+}
+function showError(message) {
+  $("digit").textContent = "?";
+  $("confidence").textContent = "no answer";
+  setBars(new Array(10).fill(0));
+  $("seen").src = blank28;
+  $("number").hidden = true;
+  $("error").textContent = message;
+}
+function showEmpty() {
+  showError("");
+  $("confidence").textContent = "draw a digit";
+  $("bars").dataset.version = version;
+}
+
+// ---- a photo instead of a drawing ----------------------------------------------------------------------
+async function shrink(file) {   // a photo over 2 MB: send it at most 1600 px on its longer side, as JPEG
+  const bitmap = await createImageBitmap(file);
+  const scale = Math.min(1, 1600 / Math.max(bitmap.width, bitmap.height));
+  const c = document.createElement("canvas");
+  c.width = Math.round(bitmap.width * scale); c.height = Math.round(bitmap.height * scale);
+  c.getContext("2d").drawImage(bitmap, 0, 0, c.width, c.height);
+  return new Promise(done => c.toBlob(done, "image/jpeg", 0.9));
+}
+async function showPhoto(blob, name) {
+  paper();
+  try {
+    const bitmap = await createImageBitmap(blob);
+    const scale = Math.min(SIDE / bitmap.width, SIDE / bitmap.height);
+    const w = bitmap.width * scale, h = bitmap.height * scale;
+    ctx.drawImage(bitmap, (SIDE - w) / 2, (SIDE - h) / 2, w, h);
+  } catch (err) {                 // a format this browser cannot show: the server may still read it
+    ctx.fillStyle = "#000"; ctx.font = "16px sans-serif"; ctx.textAlign = "center";
+    ctx.fillText(name.slice(0, 30), SIDE / 2, SIDE / 2);
+  }
+}
+$("photo").addEventListener("change", async () => {
+  const file = $("photo").files[0];
+  $("photo").value = "";
+  if (!file || current) return;
+  let blob = file;
+  if (file.size > MAX_BYTES) {
+    try { blob = await shrink(file); } catch (err) { showError("This photo is over 2 MB; crop or shrink it first."); return; }
+  }
+  photo = { blob };
+  strokes = [];
+  await showPhoto(blob, file.name);
+  changed();
+});
+
+// ---- start ---------------------------------------------------------------------------------------------
+paper();
+changed();
+fetch("/health").then(r => r.json()).then(h => {
+  $("model").textContent = `Model: ${h.model}`;
+  if (h.reads_numbers) $("hint").textContent = "Draw one digit, large, in the box, or a number: digits side by side.";
+}).catch(() => {});
+</script>
+</body>
+</html>
+"""
+
+# The page may load nothing from elsewhere (it works offline) and may not be framed by another site.
+PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; "
+               "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'")
+
+
+class _ClientError(Exception):
+    """A request the server refuses: HTTP status and a message for the user."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None, unread: bool = False):
+        super().__init__(message)
+        self.status, self.headers, self.unread = status, headers or {}, unread  # unread: a body left unread
+
+
+def _png_data_url(img28: np.ndarray) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray((np.clip(img28, 0, 1) * 255).round().astype(np.uint8), "L").save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _open_upload(body: bytes):
+    """The bytes of a PNG, JPEG or WebP -> a PIL image, upright; ImageError for anything else."""
+    from PIL import Image, ImageOps
+
+    if not body:
+        raise ImageError("the request has no image: send a PNG or JPEG of a digit as the body")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(body), formats=SERVE_FORMATS)
+            width, height = image.size
+            if width * height > SERVE_MAX_PIXELS:
+                raise ImageError(f"the image is {width} x {height} pixels, more than this server takes "
+                                 f"({SERVE_MAX_PIXELS // 1_000_000} megapixels); shrink it first")
+            image = ImageOps.exif_transpose(image)  # reads the pixels; a phone photo taken sideways is turned
+    except ImageError:
+        raise
+    except Exception:  # whatever Pillow raises on bytes that are not a whole image it reads
+        raise ImageError("the body is not a PNG, JPEG or WebP image that can be read") from None
+    return image
+
+
+def predict_upload(model, body: bytes) -> dict:
+    """What POST /predict answers for an image's bytes: digit, probabilities, input28 (+ number)."""
+    image = _open_upload(body)
+    img28 = preprocess(image)
+    probs = np.asarray(probabilities(model, img28), np.float64).reshape(10)
+    answer = {"digit": int(np.argmax(probs)), "probabilities": [round(float(p), 6) for p in probs],
+              "input28": _png_data_url(img28)}
+    reader = globals().get("read_number")
+    if reader is not None:
+        try:
+            number = str(reader(image, model))
+        except UserError:  # no number in it: the digit is the answer
+            number = ""
+        if len(number) > 1:
+            answer["number"] = number
+    return answer
+
+
+def _model_description(model) -> str:
+    return describe(model)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class _DemoHandler(http.server.BaseHTTPRequestHandler):
+    """The routes of the demo; everything else is a JSON error. One request per connection (HTTP/1.0)."""
+    server_version = "mnist_jax"
+    sys_version = ""
+    routes = {"/": ("GET", "HEAD"), "/health": ("GET", "HEAD"), "/predict": ("POST",)}
+
+    def setup(self):
+        super().setup()  # sets the socket timeout to self.timeout (the server's per-operation timeout)
+        self.server.watch(self.connection)
+
+    def finish(self):
+        self.server.unwatch(self.connection)
+        try:
+            super().finish()
+        except OSError:  # the client went away
+            pass
+
+    @property
+    def timeout(self):
+        return self.server.client_timeout
+
+    def log_message(self, format, *args):  # quiet: errors worth a line are printed where they happen
+        pass
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (a malformed request line, headers too long, ...) as JSON."""
+        text = message or http.HTTPStatus(code).phrase
+        self._reply(code, {"error": text}, {"Connection": "close"})
+
+    def _reply(self, status: int, answer: dict | None, headers: dict | None = None,
+               body: bytes | None = None, content_type: str = "application/json"):
+        if body is None:
+            body = json.dumps(answer).encode("utf-8")
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type if content_type != "application/json"
+                             else "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Referrer-Policy", "no-referrer")
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            if self.command != "HEAD" and status >= 200 and status not in (204, 304):
+                self.wfile.write(body)
+        except OSError:  # the client hung up before reading the answer
+            self.close_connection = True
+
+    def _route(self):
+        try:
+            host = urllib.parse.urlsplit("//" + (self.headers.get("Host") or "")).hostname
+        except ValueError:
+            raise _ClientError(400, "the Host header is not a host name") from None
+        if self.server.local_only and host and not _is_loopback(host):
+            # a web page elsewhere that made its own name point at 127.0.0.1 (DNS rebinding) cannot use us
+            raise _ClientError(403, "this server answers only to localhost, 127.0.0.1 or [::1]")
+        path = urllib.parse.urlsplit(self.path).path
+        methods = self.routes.get(path)
+        if methods is None:
+            raise _ClientError(404, f"no page at {path[:100]}: this server has only /, /health and /predict")
+        if self.command not in methods:
+            raise _ClientError(405, f"{path} takes {' or '.join(methods)}, not {self.command}",
+                               {"Allow": ", ".join(methods)})
+        if path == "/":
+            self._reply(200, None, {"Content-Security-Policy": PAGE_POLICY, "X-Frame-Options": "DENY"},
+                        body=PAGE.encode("utf-8"), content_type="text/html; charset=utf-8")
+        elif path == "/health":
+            self._reply(200, {"ok": True, "model": self.server.description,
+                              "reads_numbers": globals().get("read_number") is not None})
+        else:
+            body = self._read_body()
+            with self.server.predicting:
+                try:
+                    answer = predict_upload(self.server.model, body)
+                except ImageError as e:
+                    raise _ClientError(400, str(e)) from None
+            self._reply(200, answer)
+
+    def _read_body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            raise _ClientError(411, "send the image with a Content-Length, not chunked", unread=True)
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise _ClientError(411, "send the image with a Content-Length header", unread=True)
+        if not length.strip().isdigit():
+            raise _ClientError(400, f"Content-Length must be a number of bytes, not {length[:20]!r}", unread=True)
+        length = int(length)
+        if length > SERVE_MAX_BODY:
+            raise _ClientError(413, f"the image is {length / 2**20:.1f} MB; this server takes at most "
+                                    f"{SERVE_MAX_BODY // 2**20} MB: crop or shrink it first", unread=True)
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            raise _ClientError(408, f"the client sent nothing for {self.timeout:g} s") from None
+        if len(body) < length:
+            raise _ClientError(400, "the body is shorter than its Content-Length")
+        return body
+
+    def _drop_unread_body(self, seconds: float = 2.0):
+        """After refusing a body unread: closing at once, with bytes still unread, makes the system send a
+        reset, and a client still sending would never see our answer. So say we are done (FIN), and read
+        and drop what still comes, for a moment."""
+        end = time.monotonic() + seconds
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            while time.monotonic() < end:
+                self.connection.settimeout(max(0.01, end - time.monotonic()))
+                if not self.rfile.read1(65536):
+                    break
+        except OSError:
+            pass
+
+    def _handle(self):
+        self.close_connection = True
+        try:
+            self._route()
+        except _ClientError as e:
+            self._reply(e.status, {"error": str(e)}, e.headers)
+            if e.unread:
+                self._drop_unread_body()
+        except Exception as e:  # our bug, not the client's: one line on the console, a plain 500 to the client
+            print(f"mnist_jax serve: {self.command} {self.path[:100]} failed: {e.__class__.__name__}: {e}",
+                  file=sys.stderr)
+            self._reply(500, {"error": "the server failed on this request; its console says why"})
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = _handle
+
+
+class DemoServer(http.server.ThreadingHTTPServer):
+    """A threading HTTP server (daemon threads) that cuts off connections lasting past their deadline."""
+    daemon_threads = True
+    request_queue_size = SERVE_MAX_CONNECTIONS  # connections the system may hold before we accept them (5 by default)
+    allow_reuse_address = True  # a restart right after Ctrl-C gets the same port (the OS still refuses a busy one)
+
+    def server_bind(self):  # as HTTPServer's, without its reverse DNS lookup of the host (slow offline)
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def __init__(self, address, model, description: str, timeout: float, deadline: float):
+        self.model, self.description = model, description
+        self.client_timeout, self.deadline = timeout, deadline
+        self.local_only = _is_loopback(address[0])
+        self.predicting = threading.BoundedSemaphore(SERVE_PREDICTIONS_AT_ONCE)
+        self._slots = threading.BoundedSemaphore(SERVE_MAX_CONNECTIONS)
+        self._open = {}  # connection -> time it must be done by
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        super().__init__(address, _DemoHandler)
+        self._watchdog = threading.Thread(target=self._cut_late_connections, daemon=True, name="serve-watchdog")
+        self._watchdog.start()
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+        return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+    def watch(self, connection):
+        with self._lock:
+            self._open[connection] = time.monotonic() + self.deadline
+
+    def unwatch(self, connection):
+        with self._lock:
+            self._open.pop(connection, None)
+
+    def _cut_late_connections(self):
+        while not self._stop.wait(min(1.0, self.deadline / 4)):
+            now = time.monotonic()
+            with self._lock:
+                late = [c for c, deadline in self._open.items() if deadline < now]
+            for connection in late:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)  # its thread's next read or write ends at once
+                except OSError:
+                    pass
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):  # too many open connections: no thread for this one
+            try:
+                request.settimeout(1)
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Connection: close\r\n\r\n{\"error\": \"too many connections; try again\"}")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # its thread gives the slot back
+        except RuntimeError:  # no thread could be started
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address):
+        """An exception that escaped a handler: the client hung up or timed out; a line, never a traceback."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, (OSError, ValueError)):  # ValueError: I/O on a socket the watchdog closed
+            print(f"mnist_jax serve: connection from {client_address[0]} failed: "
+                  f"{error.__class__.__name__}: {error}", file=sys.stderr)
+
+    def server_close(self):
+        self._stop.set()
+        super().server_close()
+
+    wakeup = None  # serve() sets it: a socket that receives a byte for each signal, whichever thread got it
+
+    def service_actions(self):
+        """Called by serve_forever between polls (every 0.25 s). Python runs a Ctrl-C handler in the main
+        thread only, and when the signal lands in another thread (JAX has many) it can wait there unseen
+        until the next one; the byte the signal wrote to `wakeup` is seen here either way."""
+        if self.wakeup is not None:
+            try:
+                signals = self.wakeup.recv(64)
+            except (BlockingIOError, InterruptedError):
+                return
+            if signal.SIGINT in signals:
+                raise KeyboardInterrupt
+
+
+def make_server(model, host: str = "127.0.0.1", port: int = 8000, *, description: str | None = None,
+                timeout: float = SERVE_TIMEOUT, deadline: float = SERVE_DEADLINE) -> DemoServer:
+    """A demo server for `model` (a Model) bound to host:port (port 0: a free port), not yet serving.
+
+    Run it with `server.serve_forever()` (in a thread for tests), stop it with `server.shutdown()` and
+    `server.server_close()`. `server.url` is its address.
+
+    Raises:
+      UserError: the port is taken, or the host cannot be listened on.
+    """
+    probabilities(model, np.zeros((28, 28), np.float32))  # compile now, not on the first drawing
+    server_class = DemoServer
+    if ":" in host:  # an IPv6 address such as ::1
+        server_class = type("DemoServer6", (DemoServer,), {"address_family": socket.AF_INET6})
+    try:
+        return server_class((host.strip("[]"), port), model, description or _model_description(model),
+                            timeout, deadline)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is already in use (another server?); stop it or choose "
+                            f"another port with --port") from None
+        if e.errno == errno.EACCES:
+            raise UserError(f"not allowed to listen on port {port} of {host}; ports below 1024 need "
+                            "administrator rights: choose another with --port") from None
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+
+
+def serve(model, host: str = "127.0.0.1", port: int = 8000, ready: Callable | None = None) -> None:
+    """Serve the drawing page for `model` (a Model, the path of a params.npz, or None: the last run's) until Ctrl-C.
+
+    `ready(server)`, if given, is called once the server listens (tests use it to learn the port).
+    """
+    description = None
+    if model is None or isinstance(model, (str, os.PathLike)):
+        path = model if model is not None else latest_checkpoint()
+        model = load_params(path)
+        description = f"{_model_description(model)} from {path}"
+    server = make_server(model, host, port, description=description)
+    if not _is_loopback(host):
+        print(f"warning: listening on {host}: anyone who can reach this machine on port "
+              f"{server.server_address[1]} can use the demo (it reads no files and writes none).", file=sys.stderr)
+    print(f"serving {server.description}: open {server.url} in a browser (Ctrl-C stops)", flush=True)
+    if ready is not None:
+        ready(server)
+    wakeup, signalled = socket.socketpair()
+    previous = None
+    try:
+        wakeup.setblocking(False)
+        signalled.setblocking(False)
+        try:
+            previous = signal.set_wakeup_fd(signalled.fileno(), warn_on_full_buffer=False)
+            server.wakeup = wakeup
+        except ValueError:  # not the main thread: Ctrl-C is not ours to see
+            pass
+        server.serve_forever(poll_interval=0.25)
+    except KeyboardInterrupt:
+        print("\nstopped", file=sys.stderr)
+    finally:
+        if previous is not None:
+            signal.set_wakeup_fd(previous)
+        server.server_close()
+        wakeup.close()
+        signalled.close()
+
+
+# =============================================================================
+# 8. Metrics and the command line
 # =============================================================================
 
 def classification_report(labels: np.ndarray, predicted: np.ndarray) -> dict:
@@ -1724,6 +2405,29 @@ def _show_folder(show_dir: str | None) -> Path:
     return folder
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535 (0: any free port), got {value}")
+    return value
+
+
+def make_serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mnist_jax.py serve",
+                                     description="Draw digits in a web page and watch the network read them.")
+    parser.add_argument("--params", default=None,
+                        help="checkpoint to use (default: the last run's, runs/latest/params.npz)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; any other than 127.0.0.1 or localhost lets other machines "
+                             "use the page (default: %(default)s)")
+    parser.add_argument("--port", type=_port, default=8000, help="port to listen on, 0 for any free one "
+                                                                 "(default: %(default)s)")
+    return parser
+
+
 def make_parsers() -> dict[str, argparse.ArgumentParser]:
     train_parser = argparse.ArgumentParser(
         prog="mnist_jax.py", description="Train a network on MNIST with JAX. Other commands: "
@@ -1739,7 +2443,7 @@ def make_parsers() -> dict[str, argparse.ArgumentParser]:
                                      "NAME_steps.png, in a new folder runs/predict-N (default: off)")
     predict_parser.add_argument("--show-dir", default=None,
                                 help="a new or empty folder for those pictures instead (default: runs/predict-N)")
-    return {"train": train_parser, "predict": predict_parser}
+    return {"train": train_parser, "predict": predict_parser, "serve": make_serve_parser()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1748,6 +2452,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["predict"]:
             return _predict_command(parsers["predict"].parse_args(argv[1:]))
+        if argv[:1] == ["serve"]:
+            args = parsers["serve"].parse_args(argv[1:])
+            use_compile_cache()
+            serve(args.params, args.host, args.port)
+            return 0
         args = parsers["train"].parse_args(argv)
         return _train_command(Config(**vars(args)))
     except UserError as e:

@@ -10,6 +10,7 @@ Prints, on the real training images:
   default  the default run's time to 97.5% test accuracy.
   cnn      the CNN's epoch against PyTorch eager's for the same network.
   manual   --grad manual against --grad auto: seconds per epoch and accuracy.
+  serve    requests/s and p50/p95 latency of `serve`'s POST /predict for a 280x280 drawing.
 Timings leave out compilation. Each time is the median of several epochs, with JAX and PyTorch taking
 turns; each ratio is the median over those rounds of the two epochs' times in the same round, so that a
 stretch when the machine runs slow (these shared machines have them) slows both sides of a ratio alike.
@@ -225,7 +226,65 @@ def bench_manual(data):
               f"(target <= 1.2: {'met' if ratio <= 1.2 else 'MISSED'})")
 
 
-PARTS = {"mlp": bench_mlp, "default": bench_default, "cnn": bench_cnn, "manual": bench_manual}
+def bench_serve(model=None, seconds: float = 3.0, clients: int = 4):
+    """Requests/s and p50/p95 latency of POST /predict for a 280x280 drawing, through a live server on
+    127.0.0.1: one client sending one request after another, then `clients` at once. One connection per
+    request, as the page makes them. Prints one line."""
+    import concurrent.futures
+    import http.client
+    import io
+    import threading
+    from PIL import Image, ImageDraw
+
+    if model is None:  # the default network; its weights do not change its speed
+        model = mnist_jax.init_params(jax.random.key(0), Config().net())
+    drawing = Image.new("L", (280, 280), 255)
+    ImageDraw.Draw(drawing).line([(80, 60), (200, 60), (120, 230)], fill=0, width=16, joint="curve")
+    buffer = io.BytesIO()
+    drawing.save(buffer, "PNG")
+    body = buffer.getvalue()
+
+    server = mnist_jax.make_server(model, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+
+    def one() -> float:
+        started = time.perf_counter()
+        connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+        connection.request("POST", "/predict", body, {"Content-Type": "image/png"})
+        reply = connection.getresponse()
+        reply.read()
+        connection.close()
+        assert reply.status == 200, reply.status
+        return time.perf_counter() - started
+
+    def client(until: float) -> list:
+        times = []
+        while time.perf_counter() < until:
+            times.append(one())
+        return times
+
+    try:
+        for _ in range(20):
+            one()
+        results = []
+        for n in (1, clients):
+            started = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(n) as pool:
+                times = sum(pool.map(client, [started + seconds] * n), [])
+            elapsed = time.perf_counter() - started
+            cuts = statistics.quantiles(times, n=20)
+            results.append(f"{n} client{'s' if n > 1 else ''}: {len(times) / elapsed:.0f} requests/s, "
+                           f"p50 {1000 * statistics.median(times):.1f} ms, p95 {1000 * cuts[18]:.1f} ms")
+    finally:
+        server.shutdown()
+        server.server_close()
+    print(f"\nserve /predict, a 280x280 PNG drawing ({len(body):,} bytes), {mnist_jax.describe(model)}: "
+          + "; ".join(results))
+
+
+PARTS = {"mlp": bench_mlp, "default": bench_default, "cnn": bench_cnn, "manual": bench_manual,
+         "serve": lambda data: bench_serve()}
 
 if __name__ == "__main__":
     chosen = sys.argv[1:] or list(PARTS)
