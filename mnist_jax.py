@@ -320,8 +320,10 @@ def train_epoch(state: TrainState, images, labels, order, key, hyper: Hyper, bat
     def step(state, batch_and_key):
         batch, key = batch_and_key
         dropout_key, augment_key = jax.random.split(key)
-        pixels = augment(augment_key, images[batch]) if augment else images[batch]
-        state, value, correct = update(state, as_inputs(pixels), labels[batch], dropout_key, hyper)
+        x = as_inputs(images[batch])
+        if augment:
+            x = augment(augment_key, x.reshape(-1, 28, 28)).reshape(-1, 784)
+        state, value, correct = update(state, x, labels[batch], dropout_key, hyper)
         return state, (value, correct)
 
     state, (losses, correct) = jax.lax.scan(step, state, (batches, jax.random.split(key, steps)))
@@ -677,9 +679,80 @@ def build_net(model: str = "mlp", hidden: tuple = (512, 512), activation: str = 
     raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
 
 
-def augment_images(key, images):
-    """Each image (B, 28, 28) moved, turned, scaled, sheared and its strokes thickened or thinned at random."""
-    raise UserError("--augment is not available yet")
+# Data augmentation: random changes of each training image, in JAX.
+# Ranges of the random changes, each drawn uniformly and independently per image.
+MAX_SHIFT = 2.5                 # pixels, up/down and left/right (a 28x28 digit sits in a 20x20 box)
+MAX_ROTATION = np.radians(15)   # radians, either way
+MIN_SCALE, MAX_SCALE = 0.85, 1.15  # height and width each, so the aspect ratio changes too
+MAX_SHEAR = 0.2                 # horizontal pixels moved per pixel of height (a slant of ~11 degrees)
+MAX_THICKEN, MAX_THIN = 1.0, 0.4  # weight of the 3x3 dilation (thicker pen) / erosion (thinner pen)
+
+
+def _neighbourhood(x, reduce):
+    """The max (dilation) or min (erosion) over each pixel's 3x3 neighbourhood, (B, 28, 28) -> same.
+
+    Nine shifted copies of the image, padded with the background (0) at the edges."""
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1)))
+    h, w = x.shape[1:]
+    return reduce(jnp.stack([padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)]), axis=0)
+
+
+def change_thickness(x, amount):
+    """Thicker strokes for amount > 0, thinner for amount < 0 (amount per image, in [-1, 1]).
+
+    Blends the image with its dilation (ink spreads one pixel) or its erosion (a pixel of
+    ink peels off each edge). A partial blend gives a partial pixel of thickness."""
+    amount = amount[:, None, None]
+    thicker = _neighbourhood(x, jnp.max)
+    thinner = _neighbourhood(x, jnp.min)
+    return jnp.where(amount > 0, x + amount * (thicker - x), x - amount * (thinner - x))
+
+
+def _bilinear(image, rows, cols):
+    """Read `image` (28, 28) at real-valued pixel positions: each value is the
+    distance-weighted mix of the 4 pixels around it; positions outside read 0 (background)."""
+    return jax.scipy.ndimage.map_coordinates(image, [rows, cols], order=1, mode="constant", cval=0.0)
+
+
+def affine(x, shift, angle, scale, shear):
+    """Move, rotate, scale and shear each image about its centre.
+
+    Per image: shift (B, 2) in pixels (down, right), angle (B,) in radians, scale (B, 2)
+    (height, width) as factors, shear (B,) in pixels sideways per pixel down.
+
+    We go backwards: for every output pixel we compute where it comes from in the
+    input, and read the input there with bilinear interpolation. Going from the output
+    means every output pixel gets exactly one value, with no holes."""
+    centre = (28 - 1) / 2  # 13.5: the middle of the 28x28 grid, between pixels 13 and 14
+    rows, cols = jnp.meshgrid(jnp.arange(28.0), jnp.arange(28.0), indexing="ij")
+    # Output pixel positions relative to the centre, less the shift: (B, 28, 28) each.
+    y = rows - centre - shift[:, 0, None, None]
+    x_ = cols - centre - shift[:, 1, None, None]
+    # Undo the forward transform  output = R(angle) . Shear . (scale * input):
+    # first rotate back by -angle, then unshear, then divide by the scale.
+    c, s = jnp.cos(angle)[:, None, None], jnp.sin(angle)[:, None, None]
+    y, x_ = c * y + s * x_, -s * y + c * x_
+    x_ = x_ - shear[:, None, None] * y  # shear: each row slides sideways in proportion to its height
+    y, x_ = y / scale[:, 0, None, None], x_ / scale[:, 1, None, None]
+    return jax.vmap(_bilinear)(x, y + centre, x_ + centre)
+
+
+def augment_images(key, x):
+    """A random variant of each image, (B, 28, 28) floats in [0, 1] -> the same: what --augment trains on.
+
+    Each image gets its own small change of the kind that separates one person's handwriting from
+    another's, or a photo from a scan: where the digit sits, its slant, size and shear, and how thick
+    the pen was. Reproducible from the key; pure JAX, so it runs inside the compiled epoch."""
+    b = len(x)
+    k_shift, k_angle, k_scale, k_shear, k_thick = jax.random.split(key, 5)
+    shift = jax.random.uniform(k_shift, (b, 2), minval=-MAX_SHIFT, maxval=MAX_SHIFT)
+    angle = jax.random.uniform(k_angle, (b,), minval=-MAX_ROTATION, maxval=MAX_ROTATION)
+    scale = jax.random.uniform(k_scale, (b, 2), minval=MIN_SCALE, maxval=MAX_SCALE)  # (height, width)
+    shear = jax.random.uniform(k_shear, (b,), minval=-MAX_SHEAR, maxval=MAX_SHEAR)
+    thickness = jax.random.uniform(k_thick, (b,), minval=-MAX_THIN, maxval=MAX_THICKEN)
+    x = change_thickness(x, thickness)  # the pen first, on the sharp original ...
+    x = affine(x, shift, angle, scale, shear)  # ... then the page moves under it
+    return jnp.clip(x, 0.0, 1.0)
 
 
 # =============================================================================
@@ -2190,8 +2263,8 @@ MODEL_DEFAULTS = {
 
 
 def _per_model(name: str) -> str:
-    values = {model: defaults[name] for model, defaults in MODEL_DEFAULTS.items()}
-    return ", ".join(f"{m}: {v}" for m, v in values.items())
+    """'default: mlp 20, resmlp 20, cnn 3, ...' for a setting of MODEL_DEFAULTS."""
+    return "default: " + ", ".join(f"{model} {defaults[name]}" for model, defaults in MODEL_DEFAULTS.items())
 
 
 @dataclass(frozen=True)
@@ -2263,7 +2336,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         options = dict(f.metadata)
         default = f.default
         if f.name == "data_dir":
-            default = os.environ.get("MNIST_DATA_DIR", default)
+            default = os.environ.get("MNIST_DATA_DIR") or default
         if isinstance(default, bool):
             if default:  # a setting that is on by default gets a --no-... flag
                 parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",

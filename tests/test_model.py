@@ -320,3 +320,31 @@ def test_config_round_trips_through_json_and_fills_per_model_defaults():
     assert Config().resolved().epochs == mnist_jax.MODEL_DEFAULTS["mlp"]["epochs"]
     assert Config(model="cnn").resolved().epochs == mnist_jax.MODEL_DEFAULTS["cnn"]["epochs"]
     assert Config(model="cnn", epochs=7).resolved().epochs == 7
+
+
+def test_augmentation_is_reproducible_and_changes_each_image():
+    x = jnp.zeros((8, 28, 28)).at[:, 8:20, 12:16].set(1.0)  # a "1"
+    a = mnist_jax.augment_images(jax.random.key(0), x)
+    b = mnist_jax.augment_images(jax.random.key(0), x)
+    c = mnist_jax.augment_images(jax.random.key(1), x)
+    np.testing.assert_array_equal(a, b)
+    assert float(jnp.abs(a - c).max()) > 0.5 and a.shape == x.shape
+    assert float(a.min()) >= 0 and float(a.max()) <= 1
+    assert len({np.asarray(img).tobytes() for img in a}) == 8  # every image its own change
+    # The ink stays near the middle: shifts are at most a few pixels.
+    ys, xs = np.indices((28, 28))
+    for img in np.asarray(a):
+        assert abs((ys * img).sum() / img.sum() - 13.5) < 4 and abs((xs * img).sum() / img.sum() - 13.5) < 4
+
+
+def test_affine_with_no_change_is_the_identity():
+    x = jax.random.uniform(jax.random.key(0), (2, 28, 28))
+    same = mnist_jax.affine(x, jnp.zeros((2, 2)), jnp.zeros(2), jnp.ones((2, 2)), jnp.zeros(2))
+    np.testing.assert_allclose(same, x, atol=1e-5)
+
+
+def test_training_with_augmentation_learns():
+    cfg = Config(hidden=(64,), epochs=4, dropout=0.0).resolved()
+    run = mnist_jax.train(cfg.net(), pattern_data(), cfg.hyper(), 4, 64, augment=mnist_jax.augment_images,
+                          log=lambda _: None)
+    assert run.epochs[-1]["test_accuracy"] > 0.9
