@@ -308,25 +308,30 @@ def as_inputs(images):
 
 
 def train_epoch(state: TrainState, images, labels, order, key, hyper: Hyper, batch_size: int,
-                augment: Callable | None = None):
+                augment: Callable | None = None, progress: Callable | None = None):
     """One pass over the training set in minibatches, as a single compiled loop: `lax.scan` runs the steps
     inside XLA, with no Python per step. `order` is a shuffle of the images; the last
     len(images) % batch_size of it sit this epoch out. `key` draws dropout masks, and the random changes
-    of `augment(key, images)` if given.
+    of `augment(key, images)` if given. `progress(steps_done, steps)` is called on the host every tenth
+    of the epoch, without waiting for it.
     Returns (state, mean loss, accuracy on the batches seen)."""
     steps = len(order) // batch_size
     batches = order[:steps * batch_size].reshape(steps, batch_size)
 
-    def step(state, batch_and_key):
-        batch, key = batch_and_key
+    def step(state, batch_key_n):
+        batch, key, n = batch_key_n
         dropout_key, augment_key = jax.random.split(key)
+        if progress:
+            every = max(1, steps // 10)
+            jax.lax.cond((n + 1) % every == 0, lambda: jax.debug.callback(progress, n + 1, steps, ordered=False),
+                         lambda: None)
         x = as_inputs(images[batch])
         if augment:
             x = augment(augment_key, x.reshape(-1, 28, 28)).reshape(-1, 784)
         state, value, correct = update(state, x, labels[batch], dropout_key, hyper)
         return state, (value, correct)
 
-    state, (losses, correct) = jax.lax.scan(step, state, (batches, jax.random.split(key, steps)))
+    state, (losses, correct) = jax.lax.scan(step, state, (batches, jax.random.split(key, steps), jnp.arange(steps)))
     return state, losses.mean(), correct.sum() / (steps * batch_size)
 
 
@@ -386,6 +391,25 @@ def param_count(params) -> int:
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
 
 
+class Progress:
+    """A line that updates within an epoch longer than 5 s, on a terminal: steps done and images/s."""
+    def __init__(self, batch_size: int, stream=sys.stderr):
+        self.batch_size, self.stream, self.started, self.shown = batch_size, stream, time.perf_counter(), False
+
+    def __call__(self, done, steps):
+        seconds = time.perf_counter() - self.started
+        if seconds > 5 and self.stream.isatty():
+            self.stream.write(f"\r  step {int(done):,} of {int(steps):,}, "
+                              f"{int(done) * self.batch_size / seconds:,.0f} images/s ")
+            self.stream.flush()
+            self.shown = True
+
+    def clear(self):
+        if self.shown:
+            self.stream.write("\r" + " " * 50 + "\r")
+            self.shown = False
+
+
 @dataclass
 class Run:
     """What training has produced so far."""
@@ -430,21 +454,23 @@ def train(net: Layer, data: Dataset, hyper: Hyper, epochs: int, batch_size: int,
     # Compile before the clock starts, so that epoch times are steady state.
     started = time.perf_counter()
     order = jnp.arange(n, dtype=jnp.int32)  # an example: only its shape and type matter here
-    epoch_fn = compile_function(partial(train_epoch, hyper=hyper, batch_size=batch_size, augment=augment),
-                                state, train_x, train_y, order, dropout_key)
+    progress = Progress(batch_size)
+    epoch_fn = compile_function(partial(train_epoch, hyper=hyper, batch_size=batch_size, augment=augment,
+                                        progress=progress), state, train_x, train_y, order, dropout_key)
     eval_fn = compile_function(evaluate, state.model, test_x, test_y)
     run.seconds = {"compile": time.perf_counter() - started, "train": 0.0, "evaluate": 0.0}
     log(f"{describe(state.model)}: {param_count(state.model.params):,} parameters; {n:,} training and "
         f"{len(test_x):,} test images; {jax.default_backend()}; compiled in {run.seconds['compile']:.1f} s")
 
     for epoch in range(1, epochs + 1):
-        started = time.perf_counter()
+        started = progress.started = time.perf_counter()
         # The shuffle is drawn on the host: NumPy does it in well under a millisecond.
         order = jnp.asarray(shuffler.permutation(n).astype(np.int32))
         new_state, train_loss, train_acc = epoch_fn(state, train_x, train_y, order,
                                                     jax.random.fold_in(dropout_key, epoch))
         train_loss, train_acc = float(train_loss), float(train_acc)  # the host waits here, once an epoch
         seconds = time.perf_counter() - started
+        progress.clear()
         run.seconds["train"] += seconds
         if not math.isfinite(train_loss):
             raise Diverged(f"training diverged in epoch {epoch}: the loss became {train_loss} at learning rate "
@@ -587,9 +613,24 @@ def patches(x, k: int):
     return jnp.concatenate([x[:, i:i + h, j:j + w, :] for i in range(k) for j in range(k)], axis=-1)
 
 
+def unpatches(dcols, in_shape: tuple, k: int):
+    """The way back from `patches`: each input pixel collects the gradient of every window it sat in,
+    as the k*k shifted copies of dcols added up."""
+    b, h, w, c = in_shape
+    ho, wo = dcols.shape[1], dcols.shape[2]
+    parts = dcols.reshape(b, ho, wo, k * k, c)
+    return sum(jnp.pad(parts[:, :, :, i * k + j], ((0, 0), (i, h - ho - i), (j, w - wo - j), (0, 0)))
+               for i in range(k) for j in range(k))
+
+
 def Conv(filters: int, k: int = 3) -> Layer:
     """A convolution: the same small dense layer (k x k pixels x channels -> `filters`) applied at every
     position of the image; no padding ("valid"), stride 1."""
+    # jax.grad would differentiate the k*k slices of `patches` one by one, each into a full-size
+    # array; this tells it to use `unpatches` instead, the backward pass we write anyway (1.35x faster).
+    windows = jax.custom_vjp(lambda x: patches(x, k))
+    windows.defvjp(lambda x: (patches(x, k), x.shape), lambda shape, dcols: (unpatches(dcols, shape, k),))
+
     def init(key, in_shape):
         h, w, c = in_shape
         fan_in = k * k * c
@@ -597,50 +638,62 @@ def Conv(filters: int, k: int = 3) -> Layer:
         return {"K": K, "b": jnp.zeros(filters, jnp.float32)}, (h - k + 1, w - k + 1, filters)
 
     def forward(params, x, ctx):
-        cols = patches(x, k)
+        cols = windows(x)
         return cols @ params["K"] + params["b"], (cols, x.shape)
 
     def backward(params, cache, dy):
         """y[b,i,j] = patch[b,i,j] . K + b, a dense layer at every position, so
         dL/dK = sum over positions of patch^T dy,  dL/db = sum of dy,  and each input pixel
-        collects dy K^T from every window it was part of (the k*k shifted copies added up)."""
+        collects dy K^T from every window it was part of (`unpatches`)."""
         cols, in_shape = cache
-        c = in_shape[-1]
         dK = cols.reshape(-1, cols.shape[-1]).T @ dy.reshape(-1, dy.shape[-1])
-        dcols = dy @ params["K"].T
-        h, w = dy.shape[1], dy.shape[2]
-        dx = jnp.zeros(in_shape, dy.dtype)
-        for n, (i, j) in enumerate((i, j) for i in range(k) for j in range(k)):
-            dx = dx.at[:, i:i + h, j:j + w, :].add(dcols[..., n * c:(n + 1) * c])
-        return {"K": dK, "b": dy.sum((0, 1, 2))}, dx
+        return {"K": dK, "b": dy.sum((0, 1, 2))}, unpatches(dy @ params["K"].T, in_shape, k)
 
     return Layer(init, forward, backward)
 
 
+def _blocks(x):
+    """(B, H, W, C) -> (B, H/2, 2, W/2, 2, C): each 2x2 block on axes 2 and 4 (an odd last row or column dropped)."""
+    b, h, w, c = x.shape
+    return x[:, :h // 2 * 2, :w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+def pool_winners(x):
+    """The 2x2 max-pool of x, and a mask of where each block's maximum was (only the first, on a tie)."""
+    blocks = _blocks(x)
+    y = blocks.max(axis=(2, 4))
+    is_max = jnp.moveaxis(blocks == y[:, :, None, :, None, :], (2, 4), (4, 5)).reshape(*y.shape, 4)  # 4 last
+    first = is_max & (jnp.cumsum(is_max, axis=-1) == 1)
+    return y, jnp.moveaxis(first.reshape(*y.shape, 2, 2), (4, 5), (2, 4))
+
+
+def unpool(winners, dy, in_shape: tuple):
+    """The way back from the max-pool: each block's gradient goes to the input that won, 0 to the others."""
+    b, h, w, c = in_shape
+    dx = jnp.where(winners, dy[:, :, None, :, None, :], 0.0).reshape(b, h // 2 * 2, w // 2 * 2, c)
+    return jnp.pad(dx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+
+
 def MaxPool() -> Layer:
     """The largest value of each 2x2 block (an odd last row or column is dropped): half the width and height."""
+    # As for Conv: jax.grad of a max compares every input with it again; `unpool` routes dy in one pass.
+    pool = jax.custom_vjp(lambda x: pool_winners(x)[0])
+    pool.defvjp(lambda x: (lambda y, winners: (y, (winners, x.shape)))(*pool_winners(x)),
+                lambda res, dy: (unpool(res[0], dy, res[1]),))
+
     def init(key, in_shape):
         h, w, c = in_shape
         return {}, (h // 2, w // 2, c)
 
     def forward(params, x, ctx):
-        b, h, w, c = x.shape
-        h2, w2 = h // 2, w // 2
-        # (b, h2, 2, w2, 2, c) -> (b, h2, w2, c, 4): the four values of each block side by side
-        blocks = x[:, :2 * h2, :2 * w2].reshape(b, h2, 2, w2, 2, c).transpose(0, 1, 3, 5, 2, 4)
-        blocks = blocks.reshape(b, h2, w2, c, 4)
-        winner = blocks.argmax(axis=-1)
-        return blocks.max(axis=-1), (winner, x.shape)
+        return pool(x), (pool_winners(x)[1], x.shape)
 
     def backward(params, cache, dy):
-        """y = max of a block  =>  dy/dx = 1 for the largest of its four inputs, 0 for the others.
-        The winner is remembered from the forward pass: comparing the inputs with the maximum again is
-        fragile in float32, where the compiler may recompute them with different rounding."""
-        winner, (b, h, w, c) = cache
-        _, h2, w2, _ = dy.shape
-        dblocks = jax.nn.one_hot(winner, 4, dtype=dy.dtype) * dy[..., None]
-        dx = dblocks.reshape(b, h2, w2, c, 2, 2).transpose(0, 1, 4, 2, 5, 3).reshape(b, 2 * h2, 2 * w2, c)
-        return {}, jnp.pad(dx, ((0, 0), (0, h - 2 * h2), (0, w - 2 * w2), (0, 0)))
+        """y = max of a block  =>  dy/dx = 1 for the largest of its four inputs, 0 for the others. The winner
+        is remembered from the forward pass: comparing the inputs with the maximum again is fragile in
+        float32, where the compiler may recompute them with different rounding."""
+        winners, in_shape = cache
+        return {}, unpool(winners, dy, in_shape)
 
     return Layer(init, forward, backward)
 
@@ -656,7 +709,8 @@ def build_net(model: str = "mlp", hidden: tuple = (512, 512), activation: str = 
     resmlp:    the first hidden layer, then each further one as a Residual block (all sizes equal).
     cnn:       28x28x1 -> Conv 32 -> 26x26x32 -> pool -> 13x13x32 -> Conv 64 -> 11x11x64 -> pool -> 5x5x64
                -> Dense 128 -> Dense 10 (ReLU after each but the last).
-    cnn-small: Conv 5 -> pool -> Dense 64 -> Dense 10.
+    cnn-small: 28x28x1 -> Conv 16 -> pool -> 13x13x16 -> Conv 32 -> pool -> 5x5x32 -> Dense 64 -> Dense 10:
+               a fifth of the cnn's work per image (README: the fastest to 99%).
     """
     def then(layer, norm=batchnorm, bend=Tanh if activation == "tanh" else Relu, pool=False, drop=dropout):
         """A dense or conv layer and what may follow it, in the usual order."""
@@ -673,7 +727,7 @@ def build_net(model: str = "mlp", hidden: tuple = (512, 512), activation: str = 
     conv = lambda filters: then(Conv(filters), bend=Relu, pool=True, drop=0)
     dense = lambda size: then(Dense(size), norm=False, bend=Relu)
     if model == "cnn-small":
-        return serial(Reshape((28, 28, 1)), *conv(5), Reshape((-1,)), *dense(64), Dense(10))
+        return serial(Reshape((28, 28, 1)), *conv(16), *conv(32), Reshape((-1,)), *dense(64), Dense(10))
     if model == "cnn":
         return serial(Reshape((28, 28, 1)), *conv(32), *conv(64), Reshape((-1,)), *dense(128), Dense(10))
     raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
@@ -2257,8 +2311,8 @@ def _flag(default, help: str, **argparse_options):
 MODEL_DEFAULTS = {
     "mlp": {"epochs": 20, "batch_size": 128, "lr": 0.05},
     "resmlp": {"epochs": 20, "batch_size": 128, "lr": 0.05},
-    "cnn": {"epochs": 3, "batch_size": 32, "lr": 0.05},
-    "cnn-small": {"epochs": 5, "batch_size": 128, "lr": 0.05},
+    "cnn": {"epochs": 3, "batch_size": 128, "lr": 0.05},
+    "cnn-small": {"epochs": 3, "batch_size": 128, "lr": 0.05},
 }
 
 
@@ -2276,7 +2330,8 @@ class Config:
                              type=_run_name)
     out: str | None = _flag(None, "write this run's files exactly into this new or empty folder instead "
                             "(default: a folder under runs/)")
-    model: str = _flag("mlp", "network: mlp, resmlp (with skip connections), cnn, or cnn-small (5 filters)",
+    model: str = _flag("mlp", "network: mlp, resmlp (with skip connections), cnn (32 and 64 filters), or cnn-small "
+                       "(16 and 32 filters)",
                        choices=MODELS)
     hidden: tuple[int, ...] = _flag((512, 512), "hidden layer sizes of the mlp/resmlp, comma separated",
                                     type=_layer_sizes)

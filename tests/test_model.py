@@ -348,3 +348,40 @@ def test_training_with_augmentation_learns():
     run = mnist_jax.train(cfg.net(), pattern_data(), cfg.hyper(), 4, 64, augment=mnist_jax.augment_images,
                           log=lambda _: None)
     assert run.epochs[-1]["test_accuracy"] > 0.9
+
+
+class FakeTerminal:
+    def __init__(self, tty=True):
+        self.text, self.tty = "", tty
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return self.tty
+
+
+def test_progress_line_updates_within_a_long_epoch_only(monkeypatch):
+    calls = []
+    real = mnist_jax.Progress.__call__
+    monkeypatch.setattr(mnist_jax.Progress, "__call__", lambda self, done, steps: calls.append(int(done)))
+    train(Config(hidden=(16,), epochs=1, batch_size=8), pattern_data(800, 16))
+    assert calls == list(range(10, 101, 10))  # every tenth of the 100 steps, from inside the compiled epoch
+    monkeypatch.setattr(mnist_jax.Progress, "__call__", real)
+    terminal = FakeTerminal()
+    progress = mnist_jax.Progress(128, terminal)
+    progress(10, 100)  # a fraction of a second in: nothing
+    assert terminal.text == ""
+    progress.started -= 6  # six seconds in
+    progress(20, 100)
+    assert terminal.text.startswith("\r  step 20 of 100, ") and "images/s" in terminal.text
+    progress.clear()
+    assert terminal.text.endswith("\r")
+    log = FakeTerminal(tty=False)  # a log file: no updating line
+    quiet = mnist_jax.Progress(128, log)
+    quiet.started -= 6
+    quiet(20, 100)
+    assert log.text == ""
