@@ -29,6 +29,8 @@ import argparse, base64, errno, gzip, hashlib, http.client, http.server, io, ipa
 import signal, socket, socketserver, struct, sys, tempfile, threading, time, urllib.error, urllib.parse  # noqa: E401
 import urllib.request, warnings, zipfile, zlib  # noqa: E401
 from pathlib import Path
+from PIL import Image, ImageOps, UnidentifiedImageError
+from scipy import ndimage  # filters and connected components, for photos (section 5)
 
 STARTED = time.perf_counter()  # when this module began loading: the run's "import and start" time
 
@@ -1287,10 +1289,10 @@ def _image_name(image) -> str:
     return str(image) if isinstance(image, (str, os.PathLike)) else "the image"
 
 
-def load_image(image) -> np.ndarray:
-    """A path, a PIL image or an array -> grey levels (H, W) float in [0, 1], transparency composited on white."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
+def load_image(image, draft: int | None = None) -> np.ndarray:
+    """A path, a PIL image or an array -> grey levels (H, W) float in [0, 1], transparency composited on white.
+    `draft`: a JPEG file may be decoded at 1/2, 1/4 or 1/8 of its size, almost for free, keeping both sides
+    at least this many pixels (a 12-megapixel photo decodes in a tenth of the time)."""
     name = _image_name(image)
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
@@ -1300,6 +1302,8 @@ def load_image(image) -> np.ndarray:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(path) as opened:
+                    if draft:
+                        opened.draft("L", (draft, draft))  # only JPEGs take the hint
                     image = ImageOps.exif_transpose(opened)  # a phone photo taken sideways, turned upright
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageError(f"{path} is too large for Pillow's safety limit ({Image.MAX_IMAGE_PIXELS:,} pixels); "
@@ -1334,49 +1338,14 @@ def load_image(image) -> np.ndarray:
     return array / 255.0 if array.max() > 1 else array
 
 
-INK_THRESHOLD = 0.25  # after normalising paper to 0 and the darkest ink to 1, what counts as ink
-
-
-def preprocess(image, steps: bool = False):
-    """Turn a photo of one digit into a 28x28 MNIST-style image (float, ink = 1, background = 0).
-
-    Args:
-      image: a path, a PIL image, or an array (H, W), (H, W, 3) or (H, W, 4).
-      steps: also return the intermediate images, for `predict --show`.
-    Raises:
-      ImageError: missing or unreadable file, or no ink at all.
-    """
-    from PIL import Image
-
-    grey = load_image(image)
-    paper = float(np.median(grey))  # most of a photo of one digit is paper, even where the ink touches the edge
-    ink = 1 - grey if paper > 0.5 else grey
-    paper = min(paper, 1 - paper)
-    marked = ink[ink > paper + 0.1]  # pixels clearly darker (or lighter) than the paper
-    strongest = float(np.percentile(marked, 90)) if marked.size else paper
-    if strongest - paper < 0.1:
-        raise ImageError(f"{_image_name(image)} looks blank: no stroke stands out from the background (contrast "
-                         f"{strongest - paper:.2f} on a 0-1 scale). Photograph the digit darker or larger, or crop "
-                         "closer to it.")
-    cleaned = np.clip((ink - paper) / (strongest - paper), 0, 1)
-    cleaned[cleaned < INK_THRESHOLD] = 0
-    rows, cols = np.nonzero(cleaned)
-    cropped = cleaned[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-    result = fit_28x28(cropped)
-    if steps:
-        return result, {"as loaded": grey, "cleaned": cleaned, "cropped": cropped, "28x28 input": result}
-    return result
-
-
 def fit_28x28(ink: np.ndarray) -> np.ndarray:
     """Ink cropped to its box (ink = 1) -> MNIST's layout: scaled with anti-aliasing so that the longer side
     is 20 px, in a 28x28 image with the centre of mass at pixel (14, 14)."""
-    from PIL import Image
-
     h, w = ink.shape
     scale = 20 / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     small = np.clip(np.asarray(Image.fromarray(ink.astype(np.float32)).resize(size, Image.LANCZOS)), 0, 1)
+    small = small / max(float(small.max()), 1e-6)
     ys, xs = np.indices(small.shape)
     mass = small.sum()
     top = int(round(14 - (ys * small).sum() / mass))
@@ -1385,6 +1354,367 @@ def fit_28x28(ink: np.ndarray) -> np.ndarray:
     result = np.zeros((28, 28), np.float32)
     result[top:top + small.shape[0], left:left + small.shape[1]] = small
     return result
+
+
+# The steps from a phone photo to MNIST's layout, in order (each shown by `predict FILE --show`).
+MIN_INK_CONTRAST = 0.1  # the strongest ink must be at least 10% darker than the paper around it
+WORK_SIDE = 320  # the photo's shorter side is brought down to about this: a digit of 15% of it is 48 px tall
+MNIST_STROKE = 2.6 / 20  # MNIST's median stroke width, as a fraction of the 20 px box the digit is fitted into
+LINE_MARGIN = 2.0  # a printed line varies along its length: take out twice its typical contrast
+LINE_ANGLES = np.arange(-16, 16.01, 1.0)  # the page may be turned this much (degrees) in the photo
+
+
+# --- 1. load, and make a big photo small first --------------------------------------------------------
+def shrink(grey: np.ndarray, side: int = WORK_SIDE) -> np.ndarray:
+    """The photo with its shorter side brought down to about `side` px, each new pixel the mean of the
+    block it covers: everything after this costs time in proportion to the pixels, and a thin pen line
+    gets fainter but does not vanish (`find_ink` judges ink against the strongest ink, not a fixed level)."""
+    h, w = grey.shape
+    if min(h, w) <= 1.5 * side:
+        return grey
+    # Widen the strokes by half the shrink factor first (dark ones on light paper, light ones on a dark
+    # board), so that a line drawn with a 1-pixel pen keeps half its contrast instead of a sixth.
+    widen = ndimage.minimum_filter if np.median(grey) > 0.5 else ndimage.maximum_filter
+    grey = widen(grey, size=int(min(h, w) / side / 2) + 1)
+    scale = side / min(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(grey).resize(size, Image.BOX), np.float32)
+
+
+# --- 2. flatten the light ------------------------------------------------------------------------
+def flatten_light(grey: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Ink contrast (H, W) in [0, 1]: 0 where the paper is, near 1 for the darkest ink. Also: was the
+    ink lighter than its background (chalk on a blackboard, white on black)?
+
+    The paper's brightness at each point is estimated by a grey closing: a maximum filter wider than any
+    pen stroke (the strokes vanish into the paper around them), then a minimum filter of the same size
+    (which brings back the large dark things: a shadow, the table beyond the page). Light falling on the
+    page multiplies its brightness, so dividing by the paper's brightness undoes a shadow or a gradient.
+    """
+    size = max(3, min(grey.shape) // 3)
+    # Sensor noise would otherwise raise the paper's maximum; a small image has little noise and thin strokes.
+    smooth = ndimage.gaussian_filter(grey, min(1.0, min(grey.shape) / 200))
+    # Polarity: remove thin bright things (an opening); if what is left is dark everywhere, the
+    # background is dark and the ink is the light part.
+    light_on_dark = np.percentile(ndimage.grey_opening(smooth, size=size), 90) < 0.5
+    if light_on_dark:
+        smooth = 1 - smooth
+    paper = ndimage.grey_closing(smooth, size=size, mode="nearest")
+    return np.clip(1 - smooth / np.maximum(paper, 1e-3), 0, 1), bool(light_on_dark)
+
+
+# --- 3. the ruled and squared lines of the paper ------------------------------------------------------
+def _straighten(image: np.ndarray, angle: float) -> tuple[np.ndarray, tuple]:
+    """Rows of `image` taken along lines at `angle` degrees: row r of the result follows one straight
+    line across the photo (NaN where the line is outside it). Also the (rows, columns) it was read at,
+    in the photo padded with NaN rows above and below."""
+    h, w = image.shape
+    pad = int(np.ceil(w * np.tan(np.radians(np.abs(LINE_ANGLES).max())))) + 1
+    padded = np.pad(image, ((pad, pad), (0, 0)), constant_values=np.nan)
+    rows = np.arange(h + 2 * pad)[:, None] + np.round(np.arange(w) * np.tan(np.radians(angle))).astype(int)
+    where = (np.clip(rows, 0, h + 2 * pad - 1), np.broadcast_to(np.arange(w), rows.shape))
+    return padded[where], where
+
+
+def _line_angle(image: np.ndarray) -> float:
+    """The angle at which sums along straight lines vary most: that of printed lines, if any.
+
+    Whole degrees first, then tenths of a degree around the best (a line must be followed to within a
+    pixel across the photo); every other pixel is enough to tell."""
+    def score(angle):
+        sums = np.nansum(_straighten(small, angle)[0], axis=1)
+        return np.sum((sums - np.median(sums)) ** 2)
+    small = image[::2, ::2]
+    coarse = max(LINE_ANGLES, key=score)
+    return max(np.arange(coarse - 0.6, coarse + 0.61, 0.1), key=score)
+
+
+def remove_lines(contrast: np.ndarray) -> tuple[np.ndarray, float | None]:
+    """The contrast with the paper's ruled and squared lines (and a margin line) taken out, and the
+    page's angle in degrees if there were ruled lines to tell it (else None).
+
+    A printed line is long, straight and the same all along; a digit is none of these. Adding up the
+    contrast along straight lines at each angle the page may be turned by, printed lines make a few sums
+    stand out when the angle is right. Then, along each line at that angle, the contrast that nearly all
+    of the line has (a low percentile, so a digit crossing it does not count) is the printed line's, and
+    is subtracted: a stroke lying on a printed line keeps its own contrast.
+    """
+    page_angle = None
+    for across in (True, False):  # lines across (ruled and squared paper), then down (squared, margin)
+        image = contrast if across else contrast.T
+        angle = _line_angle(image)
+        straight, where = _straighten(image, angle)  # each printed line is now one row
+        inside = np.isfinite(straight).sum(axis=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # rows wholly outside the photo
+            line = np.nan_to_num(np.nanpercentile(straight, 15, axis=1))  # a line's level, not a stroke's
+        line[(line < 0.03) | (inside < 0.5 * image.shape[1])] = 0
+        if ndimage.label(line)[1] < 3:  # printed lines come in numbers: fewer than 3 are no lines
+            continue
+        lines_here = np.zeros((straight.shape[0], image.shape[1]))  # back from rows to the photo
+        np.maximum.at(lines_here, where, LINE_MARGIN * line[:, None])
+        pad = (straight.shape[0] - image.shape[0]) // 2
+        lines_here = ndimage.grey_dilation(lines_here[pad:pad + image.shape[0]], size=(3, 1))  # soft edges too
+        image = np.clip(image - lines_here, 0, 1)
+        contrast = image if across else image.T
+        if page_angle is None:
+            page_angle = angle if across else -angle
+    return contrast, page_angle
+
+
+# --- 4. find the ink, and keep what may be handwriting ------------------------------------------------
+def _along_the_edge(mask: np.ndarray) -> np.ndarray:
+    """For each pixel of `mask`, how far (as a fraction of the side) its connected piece runs along the
+    frame's edge, within a band of 6% of the frame's size (the very edge may be missing). Only pieces
+    that stay near that side count, reaching at most halfway into the frame: a table, not a big digit."""
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
+    h, w = mask.shape
+    depth = max(2, round(0.06 * min(h, w)))
+    along = np.zeros(labels.max() + 1)
+    boxes = [None] + ndimage.find_objects(labels)
+    for side, band in enumerate((labels[:depth], labels[-depth:], labels[:, :depth].T, labels[:, -depth:].T)):
+        for i in np.unique(band[band > 0]):
+            rows, cols = boxes[i]
+            reach_in = [rows.stop / h, (h - rows.start) / h, cols.stop / w, (w - cols.start) / w][side]
+            if reach_in > 0.5:
+                continue
+            spots = np.nonzero((band == i).any(axis=0))[0]  # where along this side the piece is
+            along[i] = max(along[i], (spots.max() - spots.min() + 1) / band.shape[1])
+    return along[labels]
+
+
+def drop_frame_edge(contrast: np.ndarray) -> np.ndarray:
+    """The contrast without the dark things that run along the frame's edge: the table beyond the page,
+    the page's edge, cut by the frame. They are found as the clearly dark pieces (above 40% of the
+    strongest contrast) that run along a third of a side or more, and taken out with a margin for their
+    soft borders. A digit may touch the frame too, so if nothing clear would be left, only what runs
+    along most of a side goes."""
+    soft = ndimage.gaussian_filter(contrast, 2)  # a table's grain would break it into bits
+    clear = soft > 0.4 * float(np.percentile(soft, 99.9))
+    along = _along_the_edge(clear)
+    edge = along > 1 / 3
+    if (clear & ~edge).sum() < 0.05 * clear.sum():
+        edge = along > 0.8
+    if edge.any():
+        margin = max(1, round(0.03 * min(contrast.shape)))
+        contrast = np.where(ndimage.binary_dilation(edge, iterations=margin), 0, contrast)
+    return contrast
+
+
+def find_ink(contrast: np.ndarray) -> np.ndarray:
+    """Ink mask: what stands out from the paper, relative to the strongest ink in the photo.
+
+    The strongest ink (a high percentile of what is clearly above the noise) sets two thresholds: a
+    pixel is ink if it is above half of it, or above a quarter of it and joined to such a pixel
+    (hysteresis: the faint parts of a pencil stroke stay attached to their stroke).
+    """
+    noise = 0.04 + 3 * float(np.percentile(contrast, 25))  # most of a photo is paper; a big digit, half
+    marked = contrast > noise
+    if marked.sum() < 5:
+        return marked
+    strongest = float(np.percentile(contrast[marked], 95))
+    if strongest < MIN_INK_CONTRAST:  # nothing darker than the paper's own grain: no ink at all
+        return np.zeros_like(marked)
+    strong = marked & (contrast > max(noise, 0.5 * strongest))
+    weak = marked & (contrast > max(noise, 0.25 * strongest))
+    labels, _ = ndimage.label(weak, structure=np.ones((3, 3)))
+    return np.isin(labels, np.unique(labels[strong])) & weak
+
+
+def ink_parts(mask: np.ndarray, contrast: np.ndarray) -> list[dict]:
+    """The connected pieces of ink, as dicts of label, box (top, left, bottom, right), area, level (mean
+    contrast) and mass (the contrast of their clearly dark pixels: a faint shadow's edge has little),
+    without specks."""
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
+    dark = float(np.percentile(contrast[mask], 90)) if mask.any() else 1.0
+    parts = []
+    for i, box in enumerate(ndimage.find_objects(labels), start=1):
+        mine = contrast[box][labels[box] == i]
+        parts.append(dict(label=i, box=(box[0].start, box[1].start, box[0].stop, box[1].stop), area=mine.size,
+                          level=float(mine.mean()), mass=float(mine[mine > 0.5 * dark].sum()), labels=labels))
+    if not parts:
+        return []
+    biggest = max(p["area"] for p in parts)
+    side = max(max(p["box"][2] - p["box"][0], p["box"][3] - p["box"][1]) for p in parts)
+    return [p for p in parts if p["area"] >= max(3, 0.03 * biggest) and
+            max(p["box"][2] - p["box"][0], p["box"][3] - p["box"][1]) >= 0.1 * side]
+
+
+# --- 5. keep the digit: the main group of strokes ----------------------------------------------------
+def _near(a, b, gap):
+    """Are two boxes (top, left, bottom, right) within `gap` px of each other?"""
+    return (a[0] - gap < b[2] and b[0] - gap < a[2]) and (a[1] - gap < b[3] and b[1] - gap < a[3])
+
+
+def _union(boxes):
+    boxes = np.array(boxes)
+    return (boxes[:, 0].min(), boxes[:, 1].min(), boxes[:, 2].max(), boxes[:, 3].max())
+
+
+def keep_digit(parts: list[dict]) -> list[dict]:
+    """The main group of strokes: the piece with the most ink, and the pieces near it (a 5's flag, a 4
+    written in two strokes): near it (within a quarter of its size), no bigger, and about as dark."""
+    main = max(parts, key=lambda p: p["mass"])
+    group = [main]
+    grown = True
+    while grown:
+        box = _union([p["box"] for p in group])
+        size = max(box[2] - box[0], box[3] - box[1])
+        more = [p for p in parts if p not in group and _near(p["box"], box, 0.25 * size)
+                and max(p["box"][2] - p["box"][0], p["box"][3] - p["box"][1]) <= size  # a part, not more
+                and p["level"] > 0.6 * main["level"]]  # the same pen, not a faint line or shadow
+        group += more
+        grown = bool(more)
+    return group
+
+
+# --- 6. straighten, stroke width, and MNIST's layout ---------------------------------------------------
+def cut_out(parts: list[dict], contrast: np.ndarray, angle: float | None) -> np.ndarray:
+    """The digit's ink cropped to its box, as soft values in [0, 1] (the contrast of its pieces, their
+    anti-aliased edges included), turned upright if the paper's lines gave the page's angle."""
+    top, left, bottom, right = _union([p["box"] for p in parts])
+    pad = 2
+    window = (slice(max(0, top - pad), bottom + pad), slice(max(0, left - pad), right + pad))
+    mine = np.isin(parts[0]["labels"][window], [p["label"] for p in parts])
+    if min(bottom - top, right - left) >= 40:
+        mine = ndimage.binary_dilation(mine)  # keep the soft rim around each stroke (a small digit's holes stay)
+    ink = np.where(mine, contrast[window], 0).astype(np.float32)
+    ink = np.clip(ink / max(float(np.percentile(ink[ink > 0], 90)), 1e-3), 0, 1) if (ink > 0).any() else ink
+    if angle:  # the page was turned: turn the digit back (lines across the page are level again)
+        ink = ndimage.rotate(ink, angle, order=1, reshape=True)
+    rows, cols = np.nonzero(ink > 0.25)
+    if rows.size == 0:
+        return ink
+    return np.clip(ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1], 0, 1)
+
+
+def normalise_strokes(ink: np.ndarray) -> np.ndarray:
+    """Thicken or thin the strokes so that, fitted into 20x20, they are about as wide as MNIST's.
+
+    A stroke of width w and length L covers w * L pixels and has about 2 * L edge pixels, so
+    2 * area / edge pixels measures the width without tracing the strokes. A digit under 40 px is
+    left as it is: a pixel more or less would change it too much, and there is nothing to measure.
+    """
+    if max(ink.shape) < 40:
+        return ink
+    mask = ink > 0.5
+    edge = mask & ~ndimage.binary_erosion(mask)
+    if edge.sum() == 0:
+        return ink
+    width = 2 * mask.sum() / edge.sum()
+    steps = int(round((MNIST_STROKE * max(ink.shape) - width) / 2))  # each step changes the width by 2 px
+    if steps > 0:
+        return ndimage.grey_dilation(np.pad(ink, steps), size=(2 * steps + 1, 2 * steps + 1))
+    if steps < 0 and width + 2 * steps >= 2:  # thin, but never below 2 px
+        thinner = ndimage.grey_erosion(ink, size=(1 - 2 * steps, 1 - 2 * steps))
+        if (thinner > 0.5).sum() > 0.3 * mask.sum():  # never erode a digit away
+            return thinner
+    return ink
+
+
+def find_parts(image, stages: dict):
+    """Steps 1-5 shared by one digit and a row: grey -> contrast -> no lines -> ink -> pieces."""
+    grey = shrink(load_image(image, draft=WORK_SIDE))
+    stages["grey, small"] = grey
+    contrast, inverted = flatten_light(grey)
+    stages["light flattened" + (" (light ink)" if inverted else "")] = contrast
+    contrast = drop_frame_edge(contrast)
+    stages["frame's edge dropped"] = contrast
+    contrast, angle = remove_lines(contrast)
+    stages["lines removed"] = contrast
+    mask = find_ink(contrast)
+    stages["ink"] = mask.astype(np.float32)
+    parts = ink_parts(mask, contrast)
+    if not parts:
+        raise ImageError(f"no digit found in {_image_name(image)}: no handwriting stands out from the paper (only "
+                         "lines, shadows or the page's edge). Photograph the digit larger, darker, or closer.")
+    return parts, contrast, angle
+
+
+def preprocess(image, steps: bool = False):
+    """A photo of one handwritten digit -> (28, 28) float32, ink 1 on background 0, MNIST's layout.
+
+    Args:
+      image: a path, a PIL image, or an array (H, W), (H, W, 3) or (H, W, 4).
+      steps: also return {stage name: image} in order, for `predict --show`.
+    Raises:
+      ImageError: unreadable image, or no digit found.
+    """
+    stages = {}
+    parts, contrast, angle = find_parts(image, stages)
+    digit = keep_digit(parts)
+    ink = cut_out(digit, contrast, angle)
+    stages["digit"] = ink
+    ink = normalise_strokes(ink)
+    stages["strokes like MNIST's"] = ink
+    result = fit_28x28(ink)
+    stages["28x28 input"] = result
+    return (result, stages) if steps else result
+
+
+def group_digits(parts: list[dict]) -> list[list[dict]]:
+    """Pieces of ink in a row -> digits, left to right: pieces that overlap sideways are one digit
+    (the flag of a 5 above its body, the two strokes of a 4)."""
+    height = np.median([p["box"][2] - p["box"][0] for p in parts])
+    # Only pieces on the row's line: their vertical middle near the tallest pieces' middle.
+    tall = [p for p in parts if p["box"][2] - p["box"][0] >= 0.5 * height]
+    middle = np.median([(p["box"][0] + p["box"][2]) / 2 for p in tall])
+    parts = [p for p in parts if p["box"][0] - height < middle < p["box"][2] + height]
+    groups = []
+    for p in sorted(parts, key=lambda p: p["box"][1]):
+        if groups:
+            box = _union([q["box"] for q in groups[-1]])
+            overlap = min(box[3], p["box"][3]) - max(box[1], p["box"][1])
+            if overlap > 0.5 * min(box[3] - box[1], p["box"][3] - p["box"][1]):
+                groups[-1].append(p)
+                continue
+        groups.append([p])
+    return groups
+
+
+def split_wide(ink: np.ndarray, height: float) -> list[np.ndarray]:
+    """A piece much wider than a digit is tall is touching digits: cut it at the emptiest columns."""
+    h, w = ink.shape
+    count = int(round(w / (0.7 * height)))
+    if count < 2 or w < 1.2 * height:
+        return [ink]
+    columns = ndimage.uniform_filter1d(ink.sum(axis=0), 3)
+    cuts, start = [], 0
+    for k in range(1, count):  # look for the valley near each expected boundary
+        lo, hi = int(w * (k - 0.35) / count), int(w * (k + 0.35) / count)
+        cuts.append(lo + int(np.argmin(columns[lo:hi])))
+    pieces = [ink[:, a:b] for a, b in zip([0] + cuts, cuts + [w])]
+    out = []
+    for piece in pieces:
+        rows, cols = np.nonzero(piece > 0.5)
+        if rows.size:
+            out.append(piece[rows.min():rows.max() + 1, cols.min():cols.max() + 1])
+    return out
+
+
+def split_digits(image, steps: bool = False):
+    """A photo of digits written left to right on one line -> ([28x28 arrays], [boxes]) left to right.
+
+    Boxes are (top, left, bottom, right) in the shrunk photo's pixels (`steps["grey, small"]`).
+    Raises ImageError when no digit is found.
+    """
+    stages = {}
+    parts, contrast, angle = find_parts(image, stages)
+    digits, boxes = [], []
+    groups = group_digits(parts)
+    height = np.median([_union([p["box"] for p in g])[2] - _union([p["box"] for p in g])[0] for g in groups])
+    for group in groups:
+        ink = cut_out(group, contrast, angle)
+        for piece in split_wide(ink, height):
+            digits.append(fit_28x28(normalise_strokes(piece)))
+        boxes.append(_union([p["box"] for p in group]))
+    found = stages["grey, small"].copy()
+    for top, left, bottom, right in boxes:  # each digit's box, drawn in black on the photo
+        found[top:bottom, [left, right - 1]] = 0
+        found[[top, bottom - 1], left:right] = 0
+    stages["digits found"] = found
+    stages["28x28 inputs"] = np.concatenate(digits, axis=1) if digits else np.zeros((28, 28))
+    return (digits, boxes, stages) if steps else (digits, boxes)
 
 
 def _model(params) -> Model:
@@ -1417,6 +1747,19 @@ def predict_probabilities(image, params: Model | str | None = None) -> np.ndarra
 def predict_digit(image, params: Model | str | None = None) -> int:
     """The digit (0-9) that `image` most probably shows. Arguments as for `predict_probabilities`."""
     return int(np.argmax(predict_probabilities(image, params)))
+
+
+def read_number(image, params: Model | str | None = None) -> str:
+    """The digits written left to right on one line in `image`, as a string ("2026"); one digit works too.
+
+    Args:
+      image: a path, a PIL image, or an array.
+      params: as for `predict_probabilities` (default: the last run's model).
+    Raises:
+      ImageError: unreadable, or no digit found.
+    """
+    digits, _ = split_digits(image)
+    return "".join(str(int(d)) for d in probabilities(_model(params), np.stack(digits)).argmax(axis=1))
 
 
 # =============================================================================
@@ -1522,14 +1865,19 @@ def first_weights(model: Model) -> int:
     return next(i for i, p in enumerate(model.params) if isinstance(p, dict) and ({"W", "K"} & p.keys()))
 
 
-def save_steps_figure(path: Path, image_name: str, steps: dict, probs: np.ndarray) -> Path:
-    """One image's preprocessing steps side by side, and its ten probabilities."""
+def save_steps_figure(path: Path, image_name: str, steps: dict, probs: np.ndarray | None = None,
+                      number: str | None = None) -> Path:
+    """One image's preprocessing steps side by side, and its ten probabilities (or the number read)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(steps) + 1, figsize=(3 * (len(steps) + 1), 3.4), layout="constrained")
+    panels = len(steps) + (probs is not None)
+    fig, axes = plt.subplots(1, panels, figsize=(3 * panels, 3.4), layout="constrained")
     for ax, (name, picture) in zip(axes, steps.items()):  # grey levels as stored: 0 black, 1 white
-        ax.imshow(picture, cmap="gray", vmin=0, vmax=1)
+        ax.imshow(picture, cmap="gray" if name.startswith(("grey", "digits found")) else "gray_r", vmin=0, vmax=1)
         ax.set_title(f"{name}\n{picture.shape[1]}x{picture.shape[0]}", fontsize=10)
         ax.axis("off")
+    if probs is None:
+        fig.suptitle(f"{image_name}: read as {number}", fontsize=10)
+        return _save_figure(plt, fig, Path(path))
     axes[-1].barh(range(10), probs, color=["tab:red" if d == probs.argmax() else "tab:gray" for d in range(10)])
     axes[-1].set(yticks=range(10), xlim=(0, 1), xlabel="probability", title=f"read as {int(probs.argmax())}")
     axes[-1].invert_yaxis()
@@ -1866,8 +2214,6 @@ class _ClientError(Exception):
 
 
 def _png_data_url(img28: np.ndarray) -> str:
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray((np.clip(img28, 0, 1) * 255).round().astype(np.uint8), "L").save(buffer, "PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -1875,8 +2221,6 @@ def _png_data_url(img28: np.ndarray) -> str:
 
 def _open_upload(body: bytes):
     """The bytes of a PNG, JPEG or WebP -> a PIL image, upright; ImageError for anything else."""
-    from PIL import Image, ImageOps
-
     if not body:
         raise ImageError("the request has no image: send a PNG or JPEG of a digit as the body")
     try:
@@ -2495,17 +2839,23 @@ def _predict_command(args) -> int:
     failed = 0
     for path in args.files:
         try:
-            digit28, steps = preprocess(path, steps=True)
-            probs = probabilities(model, digit28)
-            top = np.argsort(probs)[::-1][:3]
-            print(f"{path}: {int(top[0])}   (" + ", ".join(f"{int(d)}: {probs[d]:.3f}" for d in top) + ")")
+            if args.number:
+                digits, _, steps = split_digits(path, steps=True)
+                number = "".join(str(int(d)) for d in probabilities(model, np.stack(digits)).argmax(axis=1))
+                probs = None
+                print(f"{path}: {number}")
+            else:
+                digit28, steps = preprocess(path, steps=True)
+                probs, number = probabilities(model, digit28), None
+                top = np.argsort(probs)[::-1][:3]
+                print(f"{path}: {int(top[0])}   (" + ", ".join(f"{int(d)}: {probs[d]:.3f}" for d in top) + ")")
             if args.show:
                 show_dir = show_dir or _show_folder(args.show_dir)
                 stem = Path(path).stem
                 name = next(n for n in (f"{stem}_steps.png", *(f"{stem}-{i}_steps.png" for i in range(2, 10**6)))
                             if n not in shown)  # the same name twice in one command
                 shown.add(name)
-                figure = save_steps_figure(show_dir / name, path, steps, probs)
+                figure = save_steps_figure(show_dir / name, path, steps, probs, number)
                 print(f"  preprocessing steps saved to {figure}")
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -2566,6 +2916,9 @@ def make_parsers() -> dict[str, argparse.ArgumentParser]:
     predict_parser.add_argument("files", nargs="+", metavar="FILE", help="image files (PNG, JPEG, ...)")
     predict_parser.add_argument("--params", default=None,
                                 help="checkpoint to use (default: the last run's, runs/latest/params.npz)")
+    predict_parser.add_argument("--number", action="store_true",
+                                help="read a row of digits written left to right, e.g. a year or a phone number "
+                                     "(default: off, one digit per image)")
     predict_parser.add_argument("--show", action="store_true",
                                 help="save a picture of each image's preprocessing steps and probabilities, "
                                      "NAME_steps.png, in a new folder runs/predict-N (default: off)")

@@ -96,16 +96,22 @@ def test_preprocess_matches_mnist_layout():
     assert abs((ys * digit).sum() / digit.sum() - 14) < 1 and abs((xs * digit).sum() / digit.sum() - 14) < 1
 
 
-def test_same_digit_any_polarity_or_size_preprocesses_alike():
+def test_same_digit_any_polarity_or_size_preprocesses_alike(font_model):
     base = mnist_jax.preprocess(render(4, 40, seed=1))
-    for other in (paper_photo(render(4, 40, seed=1)), render(4, 40, canvas=(60, 60), seed=1)[::1] * 0.5,
-                  np.asarray(Image.fromarray(render(4, 40, seed=1)).resize((180, 180), Image.BICUBIC))):
+    for other in (paper_photo(render(4, 40, seed=1)), render(4, 40, canvas=(60, 60), seed=1)[::1] * 0.5):
         assert np.corrcoef(base.ravel(), mnist_jax.preprocess(other).ravel())[0, 1] > 0.9
+    # Three times larger, its strokes are brought towards MNIST's width (a 40 px digit is left as it is):
+    # the picture differs more, the digit read must not.
+    model = mnist_jax.load_params(font_model)
+    for d in range(10):
+        small = render(d, 40, seed=1)
+        large = np.asarray(Image.fromarray(small).resize((180, 180), Image.BICUBIC))
+        assert mnist_jax.predict_digit(large, model) == mnist_jax.predict_digit(small, model) == d
 
 
 @pytest.mark.parametrize("image, message", [
-    (np.full((50, 50), 200, np.uint8), "blank"),
-    (np.random.default_rng(0).normal(128, 3, (50, 50)).clip(0, 255).astype(np.uint8), "blank"),
+    (np.full((50, 50), 200, np.uint8), "no digit found in the image"),
+    (np.random.default_rng(0).normal(128, 3, (50, 50)).clip(0, 255).astype(np.uint8), "no digit found"),
     (np.zeros((5, 5, 2)), "shape"),
     (np.full((4, 4), np.nan), "the image holds NaN"),
 ])
@@ -269,3 +275,67 @@ def test_sideways_phone_photo_is_turned_upright(tmp_path):
     upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.jpg", exif=exif, quality=95)
     expected = mnist_jax.preprocess(upright)
     assert np.corrcoef(expected.ravel(), mnist_jax.preprocess(tmp_path / "phone.jpg").ravel())[0, 1] > 0.9
+
+
+# --- phone photos: lines, table edges, thin pens, rows of digits ---------------------------------------------
+
+def notebook_page(h=600, w=800, spacing=30, seed=0):
+    """A light page with faint blue ruled lines and a little noise, as RGB bytes."""
+    rng = np.random.default_rng(seed)
+    page = np.full((h, w, 3), (235, 232, 225), np.float32) + rng.normal(0, 3, (h, w, 1))
+    page[spacing // 2::spacing, :] = (170, 190, 230)
+    return page.clip(0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("what", ["ruled lines only", "the table's edge only", "a shadow only"])
+def test_a_page_without_a_digit_is_no_digit_found(what):
+    page = notebook_page().astype(np.float32)
+    if what == "the table's edge only":
+        page[:, :120] = 40
+    if what == "a shadow only":
+        page *= np.linspace(0.5, 1, page.shape[1])[None, :, None]
+    with pytest.raises(mnist_jax.ImageError, match="no digit found in the image"):
+        mnist_jax.preprocess(page.astype(np.uint8))
+
+
+def test_a_digit_on_ruled_paper_beside_the_table_is_found(font_model):
+    page = notebook_page().astype(np.float32)
+    page[:, :100] = 50  # the dark table beyond the page's edge
+    page *= np.linspace(0.55, 1, page.shape[1])[None, :, None]  # light falling off across the frame
+    ink = np.asarray(Image.fromarray(render(3, 40, seed=5)).resize((150, 150), Image.BICUBIC)) / 255
+    page[200:350, 400:550] *= (1 - 0.85 * ink)[:, :, None]
+    digit, steps = mnist_jax.preprocess(page.astype(np.uint8), steps=True)
+    assert list(steps)[0] == "grey, small" and list(steps)[-1] == "28x28 input"
+    assert mnist_jax.predict_digit(page.astype(np.uint8), mnist_jax.load_params(font_model)) == 3
+
+
+def test_a_one_pixel_pen_survives_the_downscale_of_a_large_photo():
+    photo = Image.new("L", (2000, 2000), 225)
+    ImageDraw.Draw(photo).line([(800, 700), (1200, 700), (950, 1300)], fill=30, width=1)  # a 7, 1 px wide
+    digit = mnist_jax.preprocess(np.asarray(photo))
+    assert digit.max() > 0.9 and (digit > 0.5).sum() >= 25  # strokes, not a faint trace
+
+
+def test_phone_photo_generator_is_reproducible():
+    import phone_photos
+    a = [np.asarray(image) for image, _ in phone_photos.single_photos(3, seed=4)]
+    b = [np.asarray(image) for image, _ in phone_photos.single_photos(3, seed=4)]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    rows = list(phone_photos.row_photos(2, seed=4))
+    assert all(3 <= len(label) <= 5 and label.isdigit() for _, label in rows)
+
+
+def row_of(digits: str) -> np.ndarray:
+    """Digits drawn side by side on paper, as a number is written."""
+    parts = [render(int(d), 40, canvas=(40, 60), at=(4, 6), seed=i) for i, d in enumerate(digits)]
+    return paper_photo(np.pad(np.concatenate(parts, axis=1), 30))
+
+
+def test_read_number_reads_a_row_and_a_single_digit(font_model, tmp_path):
+    model = mnist_jax.load_params(font_model)
+    assert mnist_jax.read_number(row_of("2026"), model) == "2026"
+    assert mnist_jax.read_number(paper_photo(render(5, seed=3)), model) == "5"
+    Image.fromarray(row_of("314")).save(tmp_path / "row.png")
+    assert mnist_jax.main(["predict", str(tmp_path / "row.png"), "--number", "--params", str(font_model), "--show",
+                           "--show-dir", str(tmp_path / "shown")]) == 0
+    assert (tmp_path / "shown" / "row_steps.png").stat().st_size > 0
