@@ -15,6 +15,9 @@ Measured accuracy and speed, and the classic setups, are in README.md.
 """
 from __future__ import annotations
 
+import time
+STARTED = time.perf_counter()  # when this module began loading: the run's "import and start" time
+
 import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,8 +34,6 @@ import urllib.request, warnings, zipfile, zlib  # noqa: E401
 from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage  # filters and connected components, for photos (section 5)
-
-STARTED = time.perf_counter()  # when this module began loading: the run's "import and start" time
 
 
 # =============================================================================
@@ -1809,15 +1810,16 @@ def save_plots(folder: Path, run: Run, data: Dataset) -> list[Path]:
     # A grid of test digits: the first mistakes, then correct ones, with predicted and true labels.
     predicted, labels = run.predicted, data.test_labels
     wrong = np.nonzero(predicted != labels)[0][:16]
-    right = np.nonzero(predicted == labels)[0][:48 - len(wrong)]
-    fig, axes = plt.subplots(6, 8, figsize=(9, 7.5))
-    for ax, i in zip(axes.flat, np.concatenate([wrong, right])):
+    shown = np.concatenate([wrong, np.nonzero(predicted == labels)[0][:48 - len(wrong)]])
+    fig, ax = plt.subplots(figsize=(9, 7.5))
+    ax.imshow(mosaic(data.test_images[shown] / 255, cols=8, gap=10), cmap="gray_r", vmin=0, vmax=1)
+    for n, i in enumerate(shown):  # one picture with 48 labels draws far faster than 48 pictures
         ok = predicted[i] == labels[i]
-        ax.imshow(data.test_images[i], cmap="gray_r")
-        ax.set_title(f"{predicted[i]}" + ("" if ok else f" (true {labels[i]})"),
-                     color="black" if ok else "red", fontsize=9, fontweight="normal" if ok else "bold")
-    for ax in axes.flat:
-        ax.axis("off")
+        ax.text((n % 8) * 38 + 14, (n // 8) * 38 - 1, f"{predicted[i]}" + ("" if ok else f" (true {labels[i]})"),
+                ha="center", va="bottom", fontsize=9, color="black" if ok else "red",
+                fontweight="normal" if ok else "bold")
+    ax.set_ylim(6 * 38 - 10, -12)
+    ax.axis("off")
     fig.suptitle(f"Test digits: predicted label above each; mistakes in red ({int((predicted != labels).sum())} "
                  f"of {len(labels):,} wrong)")
     written.append(_save_figure(plt, fig, folder / "predictions.png"))
@@ -1845,19 +1847,25 @@ def save_plots(folder: Path, run: Run, data: Dataset) -> list[Path]:
     else:
         k = int(round(np.sqrt(w.shape[0])))
         tiles, title = w.T.reshape(-1, k, k)[:100], f"First layer: the {w.shape[-1]} convolution kernels ({k}x{k})"
-    cols = int(np.ceil(np.sqrt(len(tiles))))
-    rows = int(np.ceil(len(tiles) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(0.9 * cols + 1.2, 0.9 * rows + 0.6), squeeze=False,
-                             layout="constrained")
     limit = float(np.percentile(np.abs(tiles), 99.5))  # a few extreme weights would wash out the rest
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, tile in zip(axes.flat, tiles):
-        shown = ax.imshow(tile, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
-    fig.colorbar(shown, ax=axes, shrink=0.6, extend="both", label="weight (red +, blue -)")
-    fig.suptitle(title)
+    fig, ax = plt.subplots(figsize=(8, 7.2))
+    picture = ax.imshow(mosaic(tiles, cols=int(np.ceil(np.sqrt(len(tiles)))), gap=1), cmap="RdBu_r", vmin=-limit,
+                        vmax=limit, interpolation="nearest")
+    ax.axis("off")
+    fig.colorbar(picture, ax=ax, shrink=0.6, extend="both", label="weight (red +, blue -)")
+    ax.set_title(title)
     written.append(_save_figure(plt, fig, folder / "first_layer.png"))
     return written
+
+
+def mosaic(tiles: np.ndarray, cols: int, gap: int) -> np.ndarray:
+    """Images (N, h, w) side by side in rows of `cols`, `gap` blank (NaN) pixels apart: one picture."""
+    n, h, w = tiles.shape
+    out = np.full((-(-n // cols) * (h + gap) - gap, cols * (w + gap) - gap), np.nan)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, cols)
+        out[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = tile
+    return out
 
 
 def first_weights(model: Model) -> int:

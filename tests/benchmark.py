@@ -11,6 +11,8 @@ Prints, on the real training images:
   cnn      the CNN's epoch against PyTorch eager's for the same network.
   manual   --grad manual against --grad auto: seconds per epoch and accuracy.
   serve    requests/s and p50/p95 latency of `serve`'s POST /predict for a 280x280 drawing.
+  photos   predict_digit and read_number on the USPS photos and phone-style photos, for each checkpoint in
+           BENCH_MODELS; and the time from a 4000x3000 JPEG to its digit.
 Timings leave out compilation. Each time is the median of several epochs, with JAX and PyTorch taking
 turns; each ratio is the median over those rounds of the two epochs' times in the same round, so that a
 stretch when the machine runs slow (these shared machines have them) slows both sides of a ratio alike.
@@ -29,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # phone_photos
 import mnist_jax  # noqa: E402
 from mnist_jax import Config  # noqa: E402
 
@@ -283,8 +286,58 @@ def bench_serve(model=None, seconds: float = 3.0, clients: int = 4):
           + "; ".join(results))
 
 
+def bench_photos(data):
+    """predict_digit on the USPS photos and on phone-style photos (tests/phone_photos.py, seed 0: 600 photos
+    and 200 rows of 3-5 digits), for each checkpoint in BENCH_MODELS (comma separated; default the last
+    run's); and the time from a 4000x3000 JPEG file to its digit, the model loaded."""
+    import csv
+    import tempfile
+    from collections import Counter
+    import phone_photos
+    from PIL import Image
+
+    paths = [p for p in os.environ.get("BENCH_MODELS", "").split(",") if p] or [str(mnist_jax.latest_checkpoint())]
+    usps = Path(os.environ.get("USPS_PHOTOS_DIR", Path(__file__).resolve().parents[2] / "shared" / "usps" / "photos"))
+    singles = list(phone_photos.single_photos(600, seed=0))
+    rows = list(phone_photos.row_photos(200, seed=0))
+    for path in paths:
+        model = mnist_jax.load_params(path)
+        line = f"\nphotos, {path} ({mnist_jax.describe(model)}):"
+        if (usps / "labels.csv").is_file():
+            with open(usps / "labels.csv") as f:
+                listed = list(csv.DictReader(f))
+            right = sum(mnist_jax.predict_digit(usps / r["file"], model) == int(r["label"]) for r in listed)
+            line += f" USPS photos {right}/{len(listed)} ({right / len(listed):.1%});"
+        right = failed = 0
+        for image, label in singles:
+            try:
+                right += mnist_jax.predict_digit(image, model) == label
+            except mnist_jax.ImageError:
+                failed += 1
+        line += f" phone photos {right}/{len(singles)} ({right / len(singles):.1%}, {failed} 'no digit found');"
+        exact = 0
+        for image, label in rows:
+            try:
+                exact += mnist_jax.read_number(image, model) == label
+            except mnist_jax.ImageError:
+                pass
+        print(line + f" rows read exactly {exact}/{len(rows)} ({exact / len(rows):.1%})")
+    with tempfile.TemporaryDirectory() as folder:
+        image, label = next(phone_photos.single_photos(1, seed=99))
+        big = Path(folder) / "big.jpg"
+        image.resize((4000, 3000), Image.BICUBIC).save(big, quality=85)
+        mnist_jax.predict_digit(big, model)  # compiled and warm
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            mnist_jax.predict_digit(big, model)
+            times.append(time.perf_counter() - start)
+        print(f"a 4000x3000 JPEG ({big.stat().st_size:,} bytes), file to digit: median {statistics.median(times):.3f} s "
+              f"of 5 (target <= 0.5 s: {'met' if statistics.median(times) <= 0.5 else 'MISSED'})")
+
+
 PARTS = {"mlp": bench_mlp, "default": bench_default, "cnn": bench_cnn, "manual": bench_manual,
-         "serve": lambda data: bench_serve()}
+         "serve": lambda data: bench_serve(), "photos": bench_photos}
 
 if __name__ == "__main__":
     chosen = sys.argv[1:] or list(PARTS)
