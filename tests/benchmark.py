@@ -184,6 +184,7 @@ def bench_mlp(data):
     for name, cfg, target, rounds in (
             ("784-1024-1024-10 tanh", Config(hidden=(1024, 1024), activation="tanh", dropout=0.0), 0.8, 7),
             ("784-128-10 relu", Config(hidden=(128,), dropout=0.0), 0.5, 21)):
+        cfg = cfg.resolved()
         fns = [JaxEpoch(cfg, data)] + ([TorchEpoch(cfg, data)] if torch else [])
         times = timed(fns, rounds)
         jax_s = statistics.median(times[0])
