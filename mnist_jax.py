@@ -1632,6 +1632,17 @@ def find_parts(image, stages: dict):
     return parts, contrast, angle
 
 
+def one_digit(parts: list[dict], contrast: np.ndarray, angle: float | None, stages: dict) -> np.ndarray:
+    """Steps 5-6 for one digit: keep the main group of strokes, cut it out, strokes like MNIST's, 28x28."""
+    ink = cut_out(keep_digit(parts), contrast, angle)
+    stages["digit"] = ink
+    ink = normalise_strokes(ink)
+    stages["strokes like MNIST's"] = ink
+    result = fit_28x28(ink)
+    stages["28x28 input"] = result
+    return result
+
+
 def preprocess(image, steps: bool = False):
     """A photo of one handwritten digit -> (28, 28) float32, ink 1 on background 0, MNIST's layout.
 
@@ -1642,14 +1653,7 @@ def preprocess(image, steps: bool = False):
       ImageError: unreadable image, or no digit found.
     """
     stages = {}
-    parts, contrast, angle = find_parts(image, stages)
-    digit = keep_digit(parts)
-    ink = cut_out(digit, contrast, angle)
-    stages["digit"] = ink
-    ink = normalise_strokes(ink)
-    stages["strokes like MNIST's"] = ink
-    result = fit_28x28(ink)
-    stages["28x28 input"] = result
+    result = one_digit(*find_parts(image, stages), stages)
     return (result, stages) if steps else result
 
 
@@ -1693,14 +1697,9 @@ def split_wide(ink: np.ndarray, height: float) -> list[np.ndarray]:
     return out
 
 
-def split_digits(image, steps: bool = False):
-    """A photo of digits written left to right on one line -> ([28x28 arrays], [boxes]) left to right.
-
-    Boxes are (top, left, bottom, right) in the shrunk photo's pixels (`steps["grey, small"]`).
-    Raises ImageError when no digit is found.
-    """
-    stages = {}
-    parts, contrast, angle = find_parts(image, stages)
+def digits_in_a_row(parts: list[dict], contrast: np.ndarray, angle: float | None, stages: dict):
+    """Steps 5-6 for a row: the pieces grouped into digits left to right, each cut out and fitted to 28x28.
+    Returns ([28x28 arrays], [boxes (top, left, bottom, right) in the shrunk photo's pixels])."""
     digits, boxes = [], []
     groups = group_digits(parts)
     height = np.median([_union([p["box"] for p in g])[2] - _union([p["box"] for p in g])[0] for g in groups])
@@ -1715,6 +1714,17 @@ def split_digits(image, steps: bool = False):
         found[[top, bottom - 1], left:right] = 0
     stages["digits found"] = found
     stages["28x28 inputs"] = np.concatenate(digits, axis=1) if digits else np.zeros((28, 28))
+    return digits, boxes
+
+
+def split_digits(image, steps: bool = False):
+    """A photo of digits written left to right on one line -> ([28x28 arrays], [boxes]) left to right.
+
+    Boxes are (top, left, bottom, right) in the shrunk photo's pixels (`steps["grey, small"]`).
+    Raises ImageError when no digit is found.
+    """
+    stages = {}
+    digits, boxes = digits_in_a_row(*find_parts(image, stages), stages)
     return (digits, boxes, stages) if steps else (digits, boxes)
 
 
@@ -2248,20 +2258,17 @@ def _open_upload(body: bytes):
 
 
 def predict_upload(model, body: bytes) -> dict:
-    """What POST /predict answers for an image's bytes: digit, probabilities, input28 (+ number)."""
-    image = _open_upload(body)
-    img28 = preprocess(image)
+    """What POST /predict answers for an image's bytes: digit, probabilities, input28 (+ number). The steps
+    that one digit and a row share (light, lines, ink) run once."""
+    stages = {}
+    found = find_parts(_open_upload(body), stages)
+    img28 = one_digit(*found, stages)
     probs = np.asarray(probabilities(model, img28), np.float64).reshape(10)
     answer = {"digit": int(np.argmax(probs)), "probabilities": [round(float(p), 6) for p in probs],
               "input28": _png_data_url(img28)}
-    reader = globals().get("read_number")
-    if reader is not None:
-        try:
-            number = str(reader(image, model))
-        except UserError:  # no number in it: the digit is the answer
-            number = ""
-        if len(number) > 1:
-            answer["number"] = number
+    digits, _ = digits_in_a_row(*found, stages)
+    if len(digits) > 1:
+        answer["number"] = "".join(str(int(d)) for d in probabilities(model, np.stack(digits)).argmax(axis=1))
     return answer
 
 
@@ -2347,7 +2354,7 @@ class _DemoHandler(http.server.BaseHTTPRequestHandler):
                         body=PAGE.encode("utf-8"), content_type="text/html; charset=utf-8")
         elif path == "/health":
             self._reply(200, {"ok": True, "model": self.server.description,
-                              "reads_numbers": globals().get("read_number") is not None})
+                              "reads_numbers": True})
         else:
             body = self._read_body()
             with self.server.predicting:
