@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 # Plumbing, used from section 3 on (files, downloads, the command line):
 import argparse, base64, errno, gzip, hashlib, http.client, http.server, io, ipaddress, json, math, os  # noqa: E401
-import signal, socket, socketserver, struct, sys, tempfile, threading, time, urllib.error, urllib.parse  # noqa: E401
+import signal, socket, socketserver, struct, sys, tempfile, threading, urllib.error, urllib.parse  # noqa: E401
 import urllib.request, warnings, zipfile, zlib  # noqa: E401
 from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -1446,9 +1446,8 @@ def remove_lines(contrast: np.ndarray) -> tuple[np.ndarray, float | None]:
         angle = _line_angle(image)
         straight, where = _straighten(image, angle)  # each printed line is now one row
         inside = np.isfinite(straight).sum(axis=1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # rows wholly outside the photo
-            line = np.nan_to_num(np.nanpercentile(straight, 15, axis=1))  # a line's level, not a stroke's
+        line = np.zeros(len(straight))  # rows wholly outside the photo have no level
+        line[inside > 0] = np.nanpercentile(straight[inside > 0], 15, axis=1)  # a line's level, not a stroke's
         line[(line < 0.03) | (inside < 0.5 * image.shape[1])] = 0
         if ndimage.label(line)[1] < 3:  # printed lines come in numbers: fewer than 3 are no lines
             continue
@@ -1684,7 +1683,7 @@ def split_wide(ink: np.ndarray, height: float) -> list[np.ndarray]:
     if count < 2 or w < 1.2 * height:
         return [ink]
     columns = ndimage.uniform_filter1d(ink.sum(axis=0), 3)
-    cuts, start = [], 0
+    cuts = []
     for k in range(1, count):  # look for the valley near each expected boundary
         lo, hi = int(w * (k - 0.35) / count), int(w * (k + 0.35) / count)
         cuts.append(lo + int(np.argmin(columns[lo:hi])))
@@ -2272,10 +2271,6 @@ def predict_upload(model, body: bytes) -> dict:
     return answer
 
 
-def _model_description(model) -> str:
-    return describe(model)
-
-
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -2526,7 +2521,7 @@ def make_server(model, host: str = "127.0.0.1", port: int = 8000, *, description
     if ":" in host:  # an IPv6 address such as ::1
         server_class = type("DemoServer6", (DemoServer,), {"address_family": socket.AF_INET6})
     try:
-        return server_class((host.strip("[]"), port), model, description or _model_description(model),
+        return server_class((host.strip("[]"), port), model, description or describe(model),
                             timeout, deadline)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
@@ -2547,7 +2542,7 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, ready: Callable | No
     if model is None or isinstance(model, (str, os.PathLike)):
         path = model if model is not None else latest_checkpoint()
         model = load_params(path)
-        description = f"{_model_description(model)} from {path}"
+        description = f"{describe(model)} from {path}"
     server = make_server(model, host, port, description=description)
     if not _is_loopback(host):
         print(f"warning: listening on {host}: anyone who can reach this machine on port "

@@ -345,7 +345,6 @@ def bench_photos(data):
     run's); and the time from a 4000x3000 JPEG file to its digit, the model loaded."""
     import csv
     import tempfile
-    from collections import Counter
     import phone_photos
     from PIL import Image
 
