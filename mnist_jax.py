@@ -2410,8 +2410,11 @@ class _DemoHandler(http.server.BaseHTTPRequestHandler):
 
 
 class DemoServer(http.server.ThreadingHTTPServer):
-    """A threading HTTP server (daemon threads) that cuts off connections lasting past their deadline."""
-    daemon_threads = True
+    """A threading HTTP server that cuts off connections lasting past their deadline."""
+    # Not daemon threads: server_close() cuts every open connection and waits for its thread. A thread
+    # still alive while Python shuts down is stopped from inside C code, which can abort the process.
+    daemon_threads = False
+    block_on_close = True
     request_queue_size = SERVE_MAX_CONNECTIONS  # connections the system may hold before we accept them (5 by default)
     allow_reuse_address = True  # a restart right after Ctrl-C gets the same port (the OS still refuses a busy one)
 
@@ -2428,9 +2431,10 @@ class DemoServer(http.server.ThreadingHTTPServer):
         self._open = {}  # connection -> time it must be done by
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        super().__init__(address, _DemoHandler)
-        self._watchdog = threading.Thread(target=self._cut_late_connections, daemon=True, name="serve-watchdog")
+        self._watchdog = threading.Thread(target=self._cut_late_connections, daemon=True,
+                                          name="serve-watchdog")
         self._watchdog.start()
+        super().__init__(address, _DemoHandler)  # on failure, it calls server_close(), which stops the watchdog
 
     @property
     def url(self) -> str:
@@ -2489,7 +2493,15 @@ class DemoServer(http.server.ThreadingHTTPServer):
 
     def server_close(self):
         self._stop.set()
-        super().server_close()
+        with self._lock:
+            still_open = list(self._open)
+        for connection in still_open:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        super().server_close()  # stops listening, then joins the connections' threads
+        self._watchdog.join()
 
     wakeup = None  # serve() sets it: a socket that receives a byte for each signal, whichever thread got it
 

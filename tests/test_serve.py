@@ -268,6 +268,20 @@ def test_stalled_client_is_cut_off_while_others_are_served(model):
         assert time.monotonic() - started < 2
 
 
+def test_closing_the_server_ends_all_its_threads(model):
+    """A thread left running while Python exits can abort the process (it did, one Ctrl-C in seven):
+    server_close() must cut open connections and wait for every thread the server started."""
+    before = set(threading.enumerate())
+    with running(model) as server:  # default timeouts: 10 s silent, 30 s in all
+        idle = socket.create_connection(("127.0.0.1", server.server_address[1]))
+        idle.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # a request never finished
+        assert request(server, "GET", "/health")[0] == 200
+        started = time.monotonic()
+    left = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+    idle.close()
+    assert left == [] and time.monotonic() - started < 3, (left, time.monotonic() - started)
+
+
 def test_trickling_client_is_cut_off_at_the_deadline(model):
     with running(model, timeout=1.0, deadline=1.5) as server:
         started = time.monotonic()
