@@ -1487,18 +1487,18 @@ def drop_frame_edge(contrast: np.ndarray) -> np.ndarray:
     """The contrast without the dark things that run along the frame's edge: the table beyond the page,
     the page's edge, cut by the frame. They are found as the clearly dark pieces (above 40% of the
     strongest contrast) that run along a third of a side or more, and taken out with a margin for their
-    soft borders. A digit may touch the frame too, so if nothing clear would be left, only what runs
-    along most of a side goes."""
+    soft borders. A digit may touch the frame too, so if not even faint ink would be left (a faint pencil
+    digit beside a dark table is left), only what runs along most of a side goes."""
     soft = ndimage.gaussian_filter(contrast, 2)  # a table's grain would break it into bits
-    clear = soft > 0.4 * float(np.percentile(soft, 99.9))
+    strongest = float(np.percentile(soft, 99.9))
+    clear = soft > 0.4 * strongest
     along = _along_the_edge(clear)
-    edge = along > 1 / 3
-    if (clear & ~edge).sum() < 0.05 * clear.sum():
-        edge = along > 0.8
-    if edge.any():
-        margin = max(1, round(0.03 * min(contrast.shape)))
-        contrast = np.where(ndimage.binary_dilation(edge, iterations=margin), 0, contrast)
-    return contrast
+    margin = max(1, round(0.03 * min(contrast.shape)))
+    edge = ndimage.binary_dilation(along > 1 / 3, iterations=margin)
+    faint = ndimage.gaussian_filter(contrast, 1) > 0.1 * strongest  # (without the wide blur's halo)
+    if (faint & ~edge).sum() < 0.002 * faint.size:  # not even faint ink would be left
+        edge = ndimage.binary_dilation(along > 0.8, iterations=margin)
+    return np.where(edge, 0, contrast)
 
 
 def find_ink(contrast: np.ndarray) -> np.ndarray:
@@ -1534,6 +1534,14 @@ def ink_parts(mask: np.ndarray, contrast: np.ndarray) -> list[dict]:
                           level=float(mine.mean()), mass=float(mine[mine > 0.5 * dark].sum()), labels=labels))
     if not parts:
         return []
+    # A piece cut by the frame along a tenth of its side or more is the table, a shadow, the page's edge
+    # (a stroke that runs off the frame is cut along its width only): dropped, unless nothing else is left.
+    long_cut = set()
+    for band in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
+        cut_here = np.bincount(band, minlength=len(parts) + 1)[1:]
+        long_cut.update(np.nonzero(cut_here >= 0.1 * len(band))[0] + 1)
+    if len(long_cut) < len(parts):
+        parts = [p for p in parts if p["label"] not in long_cut]
     biggest = max(p["area"] for p in parts)
     side = max(max(p["box"][2] - p["box"][0], p["box"][3] - p["box"][1]) for p in parts)
     return [p for p in parts if p["area"] >= max(3, 0.03 * biggest) and
