@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy import ndimage
 from PIL import Image, ImageDraw, ImageFont
 
 import mnist_jax
@@ -314,6 +315,40 @@ def test_a_one_pixel_pen_survives_the_downscale_of_a_large_photo():
     ImageDraw.Draw(photo).line([(800, 700), (1200, 700), (950, 1300)], fill=30, width=1)  # a 7, 1 px wide
     digit = mnist_jax.preprocess(np.asarray(photo))
     assert digit.max() > 0.9 and (digit > 0.5).sum() >= 25  # strokes, not a faint trace
+
+
+def stroke_width(ink):
+    mask = ink > 0.5
+    return 2 * mask.sum() / (mask & ~ndimage.binary_erosion(mask)).sum()
+
+
+def ring(width, side=120):
+    """A 0 drawn `width` px wide, 80 px across, in a side x side crop."""
+    r = np.hypot(*(np.mgrid[:side, :side] - (side - 1) / 2))
+    return (np.abs(r - 40) < width / 2).astype(np.float32)
+
+
+def test_strokes_far_from_mnists_width_are_brought_near_it_and_others_left_as_written():
+    target = mnist_jax.MNIST_STROKE * 120  # 15.6 px: MNIST's width for a digit this big
+    for width in (10, 20, 28):  # within a factor of 2: as written
+        assert np.array_equal(mnist_jax.normalise_strokes(ring(width)), ring(width))
+    for width in (3, 34):  # a hairline pen, a fat marker
+        changed = mnist_jax.normalise_strokes(ring(width))
+        assert abs(stroke_width(changed) - target) < 0.3 * target, (width, stroke_width(changed))
+
+
+@pytest.mark.parametrize("what", ["a dark table beyond a slanted page edge", "a round shadow cut by the frame"])
+def test_a_faint_pencil_digit_beside_what_the_frame_cuts_is_found(font_model, what):
+    page = notebook_page().astype(np.float32)
+    h, w = page.shape[:2]
+    rows, cols = np.mgrid[:h, :w]
+    if what == "a dark table beyond a slanted page edge":
+        page[cols > w - 100 + 0.05 * rows] = 35  # darker than the digit: it must not set the ink's level
+    else:  # its soft, curved edge is left as a broad grey piece along the bottom of the frame
+        page *= (1 - 0.5 / (1 + np.exp((np.hypot(rows - h - 60, cols - 0.6 * w) - 250) / 20)))[:, :, None]
+    ink = np.asarray(Image.fromarray(render(4, 40, seed=3)).resize((120, 120), Image.BICUBIC)) / 255
+    page[120:240, 150:270] *= (1 - 0.35 * ink)[:, :, None]  # pencil
+    assert mnist_jax.predict_digit(page.clip(0, 255).astype(np.uint8), mnist_jax.load_params(font_model)) == 4
 
 
 def test_phone_photo_generator_is_reproducible():
