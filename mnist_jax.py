@@ -1425,10 +1425,13 @@ def _line_angle(image: np.ndarray) -> float:
 
     Whole degrees first, then tenths of a degree around the best (a line must be followed to within a
     pixel across the photo); every other pixel is enough to tell."""
-    def score(angle):
-        sums = np.nansum(_straighten(small, angle)[0], axis=1)
+    def score(angle):  # the same sums as _straighten's rows would give, added up by np.bincount: faster
+        row = np.arange(h)[:, None] + pad - np.round(np.arange(w) * np.tan(np.radians(angle))).astype(int)
+        sums = np.bincount(np.clip(row, 0, h + 2 * pad - 1).ravel(), weights=small.ravel(), minlength=h + 2 * pad)
         return np.sum((sums - np.median(sums)) ** 2)
     small = image[::2, ::2]
+    h, w = small.shape
+    pad = int(np.ceil(w * np.tan(np.radians(np.abs(LINE_ANGLES).max())))) + 1
     coarse = max(LINE_ANGLES, key=score)
     return max(np.arange(coarse - 0.6, coarse + 0.61, 0.1), key=score)
 
@@ -1449,8 +1452,10 @@ def remove_lines(contrast: np.ndarray) -> tuple[np.ndarray, float | None]:
         angle = _line_angle(image)
         straight, where = _straighten(image, angle)  # each printed line is now one row
         inside = np.isfinite(straight).sum(axis=1)
-        line = np.zeros(len(straight))  # rows wholly outside the photo have no level
-        line[inside > 0] = np.nanpercentile(straight[inside > 0], 15, axis=1)  # a line's level, not a stroke's
+        # A line's level, not a stroke's: the 15th percentile of each row's pixels inside the photo (a
+        # sort puts the NaNs outside it last; np.nanpercentile along rows is ten times slower).
+        line = np.sort(straight, axis=1)[np.arange(len(straight)), np.maximum(inside - 1, 0) * 15 // 100]
+        line[inside == 0] = 0  # rows wholly outside the photo have no level
         line[(line < 0.03) | (inside < 0.5 * image.shape[1])] = 0
         if ndimage.label(line)[1] < 3:  # printed lines come in numbers: fewer than 3 are no lines
             continue
