@@ -1681,7 +1681,9 @@ def preprocess(image, steps: bool = False):
 
 def group_digits(parts: list[dict]) -> list[list[dict]]:
     """Pieces of ink in a row -> digits, left to right: pieces that overlap sideways are one digit
-    (the flag of a 5 above its body, the two strokes of a 4)."""
+    (the flag of a 5 above its body, the two strokes of a 4). Digits written on one line are about
+    equally tall, so a group under half the row's typical height (a speck, a scrap of a line or of the
+    table's edge) is not a digit and is left out."""
     height = np.median([p["box"][2] - p["box"][0] for p in parts])
     # Only pieces on the row's line: their vertical middle near the tallest pieces' middle.
     tall = [p for p in parts if p["box"][2] - p["box"][0] >= 0.5 * height]
@@ -1696,7 +1698,8 @@ def group_digits(parts: list[dict]) -> list[list[dict]]:
                 groups[-1].append(p)
                 continue
         groups.append([p])
-    return groups
+    heights = [_union([p["box"] for p in g])[2] - _union([p["box"] for p in g])[0] for g in groups]
+    return [g for g, h in zip(groups, heights) if h >= 0.5 * np.median(heights)]
 
 
 def split_wide(ink: np.ndarray, height: float) -> list[np.ndarray]:
