@@ -370,6 +370,10 @@ def test_read_number_reads_a_row_and_a_single_digit(font_model, tmp_path):
     model = mnist_jax.load_params(font_model)
     assert mnist_jax.read_number(row_of("2026"), model) == "2026"
     assert mnist_jax.read_number(paper_photo(render(5, seed=3)), model) == "5"
+    scraps = row_of("2026")
+    scraps[55:62, 8:18] = 60  # a speck before the number and a short dash after it, on the row's line
+    scraps[60:63, -26:-12] = 60
+    assert mnist_jax.read_number(scraps, model) == "2026"
     Image.fromarray(row_of("314")).save(tmp_path / "row.png")
     assert mnist_jax.main(["predict", str(tmp_path / "row.png"), "--number", "--params", str(font_model), "--show",
                            "--show-dir", str(tmp_path / "shown")]) == 0
