@@ -157,6 +157,18 @@ def test_cnn_dry_run_plots_its_kernels(mnist_dir, tmp_path):
         assert picture.width > 100
 
 
+@pytest.mark.parametrize("tag", ["# fastest to 99%", "# the photo model"])
+def test_the_readmes_named_commands_run_as_written(mnist_dir, tmp_path, tag):
+    """Scripts find these commands by their comment: they must stay valid as the flags change."""
+    import shlex
+    lines = [line for line in (ROOT / "README.md").read_text().splitlines() if tag in line]
+    command = shlex.split(lines[0].split("`")[1 if "|" in lines[0] else 0].split("#")[0])
+    assert command[:2] == ["python", "mnist_jax.py"], lines[0]
+    out = tmp_path / "out"
+    assert mnist_jax.main(command[2:] + ["--data-dir", str(mnist_dir), "--out", str(out), "--dry-run"]) == 0
+    assert (out / "params.npz").is_file()
+
+
 def test_user_errors_exit_nonzero_without_traceback(tmp_path):
     broken = tmp_path / "data"
     broken.mkdir()
