@@ -351,6 +351,18 @@ def test_a_faint_pencil_digit_beside_what_the_frame_cuts_is_found(font_model, wh
     assert mnist_jax.predict_digit(page.clip(0, 255).astype(np.uint8), mnist_jax.load_params(font_model)) == 4
 
 
+def test_a_small_digit_in_deep_shadow_is_found(tmp_path):
+    """Phone-style photo 77 of seed 0, as a JPEG file: most of the frame in deep shadow. Dividing by the
+    dark paper magnifies the sensor's grain until it outnumbers the small digit's pixels; the digit must
+    still be found (it was 'no digit found')."""
+    import itertools
+    import phone_photos
+    data, label, _ = next(itertools.islice(phone_photos._photos(78, 0, row=False), 77, None))
+    (tmp_path / "shadow.jpg").write_bytes(data)
+    digit = mnist_jax.preprocess(tmp_path / "shadow.jpg")
+    assert label == 7 and (digit > 0.5).sum() >= 20
+
+
 def test_phone_photo_generator_is_reproducible():
     import phone_photos
     a = [np.asarray(image) for image, _ in phone_photos.single_photos(3, seed=4)]
