@@ -1523,10 +1523,13 @@ def find_ink(contrast: np.ndarray) -> np.ndarray:
     strongest = float(np.percentile(contrast[marked], 95))
     if strongest < MIN_INK_CONTRAST and marked.mean() > 0.05:
         # A photo mostly in deep shadow: dividing by dark paper magnifies the sensor's grain, which then
-        # outnumbers a small digit's pixels. Judge again above the grain (the top 5% of the photo).
+        # outnumbers a small digit's pixels. Judge again above the grain (the top 5% of the photo): ink
+        # must stand three times higher than that; grain alone does not.
         noise = float(np.percentile(contrast, 95))
         marked = contrast > noise
         strongest = float(np.percentile(contrast[marked], 95)) if marked.sum() >= 5 else 0.0
+        if strongest < 3 * noise:
+            strongest = 0.0
     if strongest < MIN_INK_CONTRAST:  # nothing darker than the paper's own grain: no ink at all
         return np.zeros_like(marked)
     strong = marked & (contrast > max(noise, 0.5 * strongest))
