@@ -1707,8 +1707,14 @@ def group_digits(parts: list[dict]) -> list[list[dict]]:
                 groups[-1].append(p)
                 continue
         groups.append([p])
-    heights = [_union([p["box"] for p in g])[2] - _union([p["box"] for p in g])[0] for g in groups]
+    heights = [_height(g) for g in groups]
     return [g for g, h in zip(groups, heights) if h >= 0.5 * np.median(heights)]
+
+
+def _height(group: list[dict]) -> int:
+    """The height of the box around a group of pieces."""
+    top, _, bottom, _ = _union([p["box"] for p in group])
+    return bottom - top
 
 
 def split_wide(ink: np.ndarray, height: float) -> list[np.ndarray]:
@@ -1736,7 +1742,7 @@ def digits_in_a_row(parts: list[dict], contrast: np.ndarray, angle: float | None
     Returns ([28x28 arrays], [boxes (top, left, bottom, right) in the shrunk photo's pixels])."""
     digits, boxes = [], []
     groups = group_digits(parts)
-    height = np.median([_union([p["box"] for p in g])[2] - _union([p["box"] for p in g])[0] for g in groups])
+    height = np.median([_height(g) for g in groups])
     for group in groups:
         ink = cut_out(group, contrast, angle)
         for piece in split_wide(ink, height):
@@ -2491,11 +2497,15 @@ class DemoServer(http.server.ThreadingHTTPServer):
             now = time.monotonic()
             with self._lock:
                 late = [c for c, deadline in self._open.items() if deadline < now]
-            for connection in late:
-                try:
-                    connection.shutdown(socket.SHUT_RDWR)  # its thread's next read or write ends at once
-                except OSError:
-                    pass
+            self._cut(late)
+
+    @staticmethod
+    def _cut(connections):
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)  # its thread's next read or write ends at once
+            except OSError:
+                pass
 
     def process_request(self, request, client_address):
         if not self._slots.acquire(blocking=False):  # too many open connections: no thread for this one
@@ -2530,11 +2540,7 @@ class DemoServer(http.server.ThreadingHTTPServer):
         self._stop.set()
         with self._lock:
             still_open = list(self._open)
-        for connection in still_open:
-            try:
-                connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self._cut(still_open)
         super().server_close()  # stops listening, then joins the connections' threads
         self._watchdog.join()
 
