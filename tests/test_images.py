@@ -328,13 +328,12 @@ def ring(width, side=120):
     return (np.abs(r - 40) < width / 2).astype(np.float32)
 
 
-def test_strokes_far_from_mnists_width_are_brought_near_it_and_others_left_as_written():
+def test_hairline_strokes_are_thickened_towards_mnists_width_and_others_left_as_written():
     target = mnist_jax.MNIST_STROKE * 120  # 15.6 px: MNIST's width for a digit this big
-    for width in (10, 20, 28):  # within a factor of 2: as written
+    for width in (10, 20, 34, 60):  # within a factor of 2, or a fat marker: as written
         assert np.array_equal(mnist_jax.normalise_strokes(ring(width)), ring(width))
-    for width in (3, 34):  # a hairline pen, a fat marker
-        changed = mnist_jax.normalise_strokes(ring(width))
-        assert abs(stroke_width(changed) - target) < 0.3 * target, (width, stroke_width(changed))
+    changed = mnist_jax.normalise_strokes(ring(3))  # a hairline pen
+    assert abs(stroke_width(changed) - target) < 0.3 * target, stroke_width(changed)
 
 
 @pytest.mark.parametrize("what", ["a dark table beyond a slanted page edge", "a round shadow cut by the frame"])
