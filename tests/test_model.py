@@ -1,10 +1,12 @@
 """The network, its hand-written gradients, the optimisers and the training loop, on small data."""
 import dataclasses
 import json
+import sys
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+
 import numpy as np
 import pytest
 
@@ -369,6 +371,10 @@ def test_progress_line_updates_within_a_long_epoch_only(monkeypatch):
     real = mnist_jax.Progress.__call__
     monkeypatch.setattr(mnist_jax.Progress, "__call__", lambda self, done, steps: calls.append(int(done)))
     train(Config(hidden=(16,), epochs=1, batch_size=8), pattern_data(800, 16))
+    assert calls == []  # output to a log or a pipe: compiled without the call back (so it can be cached)
+    with monkeypatch.context() as m:
+        m.setattr(sys, "stderr", FakeTerminal())
+        train(Config(hidden=(16,), epochs=1, batch_size=8), pattern_data(800, 16))
     assert calls == list(range(10, 101, 10))  # every tenth of the 100 steps, from inside the compiled epoch
     monkeypatch.setattr(mnist_jax.Progress, "__call__", real)
     terminal = FakeTerminal()
