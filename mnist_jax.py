@@ -1436,7 +1436,7 @@ def _line_angle(image: np.ndarray) -> float:
         row = np.arange(h)[:, None] + pad - np.round(np.arange(w) * np.tan(np.radians(angle))).astype(int)
         sums = np.bincount(np.clip(row, 0, h + 2 * pad - 1).ravel(), weights=small.ravel(), minlength=h + 2 * pad)
         return np.sum((sums - np.median(sums)) ** 2)
-    small = image[::2, ::2]
+    small = np.nan_to_num(image[::2, ::2])
     h, w = small.shape
     pad = int(np.ceil(w * np.tan(np.radians(np.abs(LINE_ANGLES).max())))) + 1
     coarse = max(LINE_ANGLES, key=score)
@@ -1451,7 +1451,8 @@ def remove_lines(contrast: np.ndarray) -> tuple[np.ndarray, float | None]:
     contrast along straight lines at each angle the page may be turned by, printed lines make a few sums
     stand out when the angle is right. Then, along each line at that angle, the contrast that nearly all
     of the line has (a low percentile, so a digit crossing it does not count) is the printed line's, and
-    is subtracted: a stroke lying on a printed line keeps its own contrast.
+    is subtracted: a stroke lying on a printed line keeps its own contrast. NaN pixels (not the page:
+    `drop_frame_edge`) count as outside the photo, and come back as 0.
     """
     page_angle = None
     for across in (True, False):  # lines across (ruled and squared paper), then down (squared, margin)
@@ -1474,7 +1475,7 @@ def remove_lines(contrast: np.ndarray) -> tuple[np.ndarray, float | None]:
         contrast = image if across else image.T
         if page_angle is None:
             page_angle = angle if across else -angle
-    return contrast, page_angle
+    return np.nan_to_num(contrast), page_angle
 
 
 # --- 4. find the ink, and keep what may be handwriting ------------------------------------------------
@@ -1503,7 +1504,9 @@ def drop_frame_edge(contrast: np.ndarray) -> np.ndarray:
     the page's edge, cut by the frame. They are found as the clearly dark pieces (above 40% of the
     strongest contrast) that run along a third of a side or more, and taken out with a margin for their
     soft borders. A digit may touch the frame too, so if not even faint ink would be left (a faint pencil
-    digit beside a dark table is left), only what runs along most of a side goes."""
+    digit beside a dark table is left), only what runs along most of a side goes.
+    What is taken out becomes NaN, not 0: it is not the page, so it does not count when the printed
+    lines' contrast along the page is measured next."""
     soft = ndimage.gaussian_filter(contrast, 2)  # a table's grain would break it into bits
     strongest = float(np.percentile(soft, 99.9))
     clear = soft > 0.4 * strongest
@@ -1513,7 +1516,7 @@ def drop_frame_edge(contrast: np.ndarray) -> np.ndarray:
     faint = ndimage.gaussian_filter(contrast, 1) > 0.1 * strongest  # (without the wide blur's halo)
     if (faint & ~edge).sum() < 0.002 * faint.size:  # not even faint ink would be left
         edge = ndimage.binary_dilation(along > 0.8, iterations=margin)
-    return np.where(edge, 0, contrast)
+    return np.where(edge, np.nan, contrast)
 
 
 def find_ink(contrast: np.ndarray) -> np.ndarray:
