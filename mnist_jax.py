@@ -1700,9 +1700,10 @@ def group_digits(parts: list[dict]) -> list[list[dict]]:
     equally tall, so a group under half the row's typical height (a speck, a scrap of a line or of the
     table's edge) is not a digit and is left out."""
     height = np.median([p["box"][2] - p["box"][0] for p in parts])
-    # Only pieces on the row's line: their vertical middle near the tallest pieces' middle.
+    # Only pieces on the row's line: their vertical middle near the middle of the tall pieces' ink (a
+    # median weighted by area, so that many scraps, such as a broken margin line, do not outvote digits).
     tall = [p for p in parts if p["box"][2] - p["box"][0] >= 0.5 * height]
-    middle = np.median([(p["box"][0] + p["box"][2]) / 2 for p in tall])
+    middle = _ink_median(tall, [(p["box"][0] + p["box"][2]) / 2 for p in tall])
     parts = [p for p in parts if p["box"][0] - height < middle < p["box"][2] + height]
     groups = []
     for p in sorted(parts, key=lambda p: p["box"][1]):
@@ -1715,6 +1716,13 @@ def group_digits(parts: list[dict]) -> list[list[dict]]:
         groups.append([p])
     heights = [_height(g) for g in groups]
     return [g for g, h in zip(groups, heights) if h >= 0.5 * np.median(heights)]
+
+
+def _ink_median(parts: list[dict], values: list[float]) -> float:
+    """The median of one value per piece, each piece counted once per pixel of ink it has."""
+    order = np.argsort(values)
+    weight = np.cumsum([parts[i]["area"] for i in order])
+    return float(np.asarray(values)[order[np.searchsorted(weight, weight[-1] / 2)]])
 
 
 def _height(group: list[dict]) -> int:
@@ -1771,6 +1779,9 @@ def split_digits(image, steps: bool = False):
     """
     stages = {}
     digits, boxes = digits_in_a_row(*find_parts(image, stages), stages)
+    if not digits:
+        raise ImageError(f"no digit found in {_image_name(image)}: the ink found is too faint or too small to "
+                         "be digits. Photograph the digits larger, darker, or closer.")
     return (digits, boxes, stages) if steps else (digits, boxes)
 
 

@@ -385,6 +385,11 @@ def test_read_number_reads_a_row_and_a_single_digit(font_model, tmp_path):
     scraps[55:62, 8:18] = 60  # a speck before the number and a short dash after it, on the row's line
     scraps[60:63, -26:-12] = 60
     assert mnist_jax.read_number(scraps, model) == "2026"
+    page = np.full((500, 300), 225, np.uint8)  # the number at the top, a margin line broken into dashes below
+    page[:120, :220] = row_of("2026")
+    for top in range(150, 480, 25):
+        page[top:top + 8, 270:276] = 60
+    assert mnist_jax.read_number(page, model) == "2026"  # many small dashes do not outvote four digits
     Image.fromarray(row_of("314")).save(tmp_path / "row.png")
     assert mnist_jax.main(["predict", str(tmp_path / "row.png"), "--number", "--params", str(font_model), "--show",
                            "--show-dir", str(tmp_path / "shown")]) == 0
