@@ -1463,8 +1463,10 @@ def remove_lines(contrast: np.ndarray) -> tuple[np.ndarray, float | None]:
         # A line's level, not a stroke's: the 15th percentile of each row's pixels inside the photo (a
         # sort puts the NaNs outside it last; np.nanpercentile along rows is ten times slower).
         line = np.sort(straight, axis=1)[np.arange(len(straight)), np.maximum(inside - 1, 0) * 15 // 100]
-        line[inside == 0] = 0  # rows wholly outside the photo have no level
-        line[(line < 0.03) | (inside < 0.5 * image.shape[1])] = 0
+        on_page = inside >= 0.5 * image.shape[1]
+        if on_page.any():  # above the typical row's level: in a grainy photo every row of paper has one
+            line = line - np.median(line[on_page])
+        line[(line < 0.03) | ~on_page] = 0
         if ndimage.label(line)[1] < 3:  # printed lines come in numbers: fewer than 3 are no lines
             continue
         lines_here = np.zeros((straight.shape[0], image.shape[1]))  # back from rows to the photo
