@@ -440,7 +440,8 @@ def train(net: Layer, data: Dataset, hyper: Hyper, epochs: int, batch_size: int,
       seed: the same seed gives the same numbers.
       augment: a function (key, images) -> images that changes each training batch at random.
       on_epoch: called with the Run after every epoch (the command line saves a checkpoint there).
-      log: where the progress lines go.
+      log: where the progress lines go. (The line that updates within a long epoch goes to sys.stderr,
+        and only if it is a terminal when train is called.)
     Raises:
       Diverged: the loss became NaN or infinite; the Run keeps the last finite parameters.
       UserError: a batch larger than the training set.
@@ -464,7 +465,7 @@ def train(net: Layer, data: Dataset, hyper: Hyper, epochs: int, batch_size: int,
     # The progress line shows only on a terminal; elsewhere (a log file, a pipe) the epoch is compiled
     # without it. Why: JAX never keeps a compiled function that calls back into Python in its compilation
     # cache, and from the cache the fastest recipe's epoch loads in 0.1 s instead of compiling in 1.3 s.
-    progress = Progress(batch_size) if sys.stderr.isatty() else None
+    progress = Progress(batch_size) if getattr(sys.stderr, "isatty", lambda: False)() else None
     epoch_fn = compile_function(partial(train_epoch, hyper=hyper, batch_size=batch_size, augment=augment,
                                         progress=progress), state, train_x, train_y, order, dropout_key)
     eval_fn = compile_function(evaluate, state.model, test_x, test_y)
@@ -474,7 +475,7 @@ def train(net: Layer, data: Dataset, hyper: Hyper, epochs: int, batch_size: int,
 
     for epoch in range(1, epochs + 1):
         started = time.perf_counter()
-        if progress:
+        if progress is not None:
             progress.started = started
         # The shuffle is drawn on the host: NumPy does it in well under a millisecond.
         order = jnp.asarray(shuffler.permutation(n).astype(np.int32))
@@ -482,7 +483,7 @@ def train(net: Layer, data: Dataset, hyper: Hyper, epochs: int, batch_size: int,
                                                     jax.random.fold_in(dropout_key, epoch))
         train_loss, train_acc = float(train_loss), float(train_acc)  # the host waits here, once an epoch
         seconds = time.perf_counter() - started
-        if progress:
+        if progress is not None:
             progress.clear()
         run.seconds["train"] += seconds
         if not math.isfinite(train_loss):
@@ -1450,8 +1451,9 @@ def remove_lines(contrast: np.ndarray) -> tuple[np.ndarray, float | None]:
     A printed line is long, straight and the same all along; a digit is none of these. Adding up the
     contrast along straight lines at each angle the page may be turned by, printed lines make a few sums
     stand out when the angle is right. Then, along each line at that angle, the contrast that nearly all
-    of the line has (a low percentile, so a digit crossing it does not count) is the printed line's, and
-    is subtracted: a stroke lying on a printed line keeps its own contrast. NaN pixels (not the page:
+    of the line has (a low percentile, so a digit crossing it does not count), above that of a typical row
+    of paper, is the printed line's, and is subtracted: a stroke lying on a printed line keeps its own
+    contrast. NaN pixels (not the page:
     `drop_frame_edge`) count as outside the photo, and come back as 0.
     """
     page_angle = None
@@ -1632,7 +1634,7 @@ def normalise_strokes(ink: np.ndarray) -> np.ndarray:
     A stroke of width w and length L covers w * L pixels and has about 2 * L edge pixels, so
     2 * area / edge pixels measures the width without tracing the strokes. A digit under 40 px is
     left as it is: a pixel more or less would change it too much, and there is nothing to measure.
-    Why only thin strokes, and only far from MNIST's: growing a stroke by whole pixels also closes a
+    Why only hairlines, and only far from MNIST's width: growing a stroke by whole pixels also closes a
     small loop, and thinning a marker's strokes (MNIST has fat ones too) hollowed out filled loops and
     cut joints; without thinning, the USPS and phone-style photos were read 0.2-0.5 points better.
     """
@@ -1659,7 +1661,7 @@ def find_parts(image, stages: dict):
     contrast, inverted = flatten_light(grey)
     stages["light flattened" + (" (light ink)" if inverted else "")] = contrast
     contrast = drop_frame_edge(contrast)
-    stages["frame's edge dropped"] = contrast
+    stages["frame's edge dropped"] = np.nan_to_num(contrast)
     contrast, angle = remove_lines(contrast)
     stages["lines removed"] = contrast
     mask = find_ink(contrast)
@@ -1841,6 +1843,20 @@ def _pyplot():
     matplotlib.use("Agg")  # draw into files, so that it works without a display
     import matplotlib.pyplot as plt
     return plt
+
+
+def _import_pyplot_meanwhile() -> threading.Thread:
+    """Import matplotlib in a thread (0.3-0.5 s) while XLA compiles the epoch on one core, so that the
+    plots after training do not wait for it; join the thread before plotting. A failed import is left
+    to save_plots, which imports again and says what failed."""
+    def load():
+        try:
+            _pyplot()
+        except Exception:  # save_plots reports it
+            pass
+    thread = threading.Thread(target=load)
+    thread.start()
+    return thread
 
 
 def _save_figure(plt, fig, path: Path) -> Path:
@@ -2888,9 +2904,7 @@ def _train_command(cfg: Config) -> int:
         saved.append(run.epochs[-1]["epoch"])
 
     print(f"run folder: {folder}")
-    if cfg.plots:  # import matplotlib (0.3-0.5 s) while XLA compiles the epoch on one core, not after training
-        plotting = threading.Thread(target=_pyplot)
-        plotting.start()
+    plotting = _import_pyplot_meanwhile() if cfg.plots else None
     try:
         run = train(cfg.net(), data, cfg.hyper(), cfg.epochs, cfg.batch_size, cfg.seed,
                     augment=augment_images if cfg.augment else None, on_epoch=save)
@@ -2901,13 +2915,15 @@ def _train_command(cfg: Config) -> int:
     except Diverged as e:
         raise Diverged(f"{e} " + (f"The checkpoint of epoch {saved[-1]} is kept in {folder / 'params.npz'}."
                                   if saved else "Nothing was saved.")) from None
+    finally:
+        if plotting:
+            plotting.join()
     timings.update(run.seconds)
     started = time.perf_counter()
     print(format_report(classification_report(data.test_labels, run.predicted)))
     timings["report"] = time.perf_counter() - started
     if cfg.plots:
         started = time.perf_counter()
-        plotting.join()
         written = save_plots(folder, run, data)
         timings["plots"] = time.perf_counter() - started
         print("plots: " + ", ".join(p.name for p in written))

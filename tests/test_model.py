@@ -6,7 +6,6 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-
 import numpy as np
 import pytest
 
@@ -370,7 +369,9 @@ def test_progress_line_updates_within_a_long_epoch_only(monkeypatch):
     calls = []
     real = mnist_jax.Progress.__call__
     monkeypatch.setattr(mnist_jax.Progress, "__call__", lambda self, done, steps: calls.append(int(done)))
-    train(Config(hidden=(16,), epochs=1, batch_size=8), pattern_data(800, 16))
+    with monkeypatch.context() as m:
+        m.setattr(sys, "stderr", FakeTerminal(tty=False))
+        train(Config(hidden=(16,), epochs=1, batch_size=8), pattern_data(800, 16))
     assert calls == []  # output to a log or a pipe: compiled without the call back (so it can be cached)
     with monkeypatch.context() as m:
         m.setattr(sys, "stderr", FakeTerminal())
