@@ -238,7 +238,8 @@ def bench_cnn(data):
                   f"{', '.join(f'{r:.2f}' for r in ratios(t, times[2]))})")
 
 
-FAST99 = Config(model="cnn-small", optimizer="adam", schedule="onecycle", lr=0.007, batch_size=64, epochs=2)  # README: fastest to 99%
+FAST99 = Config(model="cnn-small", optimizer="adam", schedule="onecycle", lr=0.007, batch_size=64, epochs=2,
+                dropout=0.0)  # README: fastest to 99%
 
 
 def bench_fast99(data):
