@@ -1453,8 +1453,7 @@ def remove_lines(contrast: np.ndarray) -> tuple[np.ndarray, float | None]:
     stand out when the angle is right. Then, along each line at that angle, the contrast that nearly all
     of the line has (a low percentile, so a digit crossing it does not count), above that of a typical row
     of paper, is the printed line's, and is subtracted: a stroke lying on a printed line keeps its own
-    contrast. NaN pixels (not the page:
-    `drop_frame_edge`) count as outside the photo, and come back as 0.
+    contrast. NaN pixels (not the page: `drop_frame_edge`) count as outside the photo, and come back as 0.
     """
     page_angle = None
     for across in (True, False):  # lines across (ruled and squared paper), then down (squared, margin)
@@ -1647,7 +1646,7 @@ def normalise_strokes(ink: np.ndarray) -> np.ndarray:
     width = 2 * mask.sum() / edge.sum()
     target = MNIST_STROKE * max(ink.shape)
     grow = int(round((target - width) / 2))  # each step widens a stroke by 2 px
-    if width >= target / 2 or grow < 1:
+    if width >= target / 2:  # (otherwise grow >= 1: the digit is at least 40 px, so target >= 5 px)
         return ink
     # A disk grows a curve by the same amount in every direction (a square, more diagonally).
     disk = np.hypot(*np.mgrid[-grow:grow + 1, -grow:grow + 1]) <= grow + 0.5
