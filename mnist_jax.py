@@ -1407,8 +1407,9 @@ def flatten_light(grey: np.ndarray) -> tuple[np.ndarray, bool]:
     # Sensor noise would otherwise raise the paper's maximum; a small image has little noise and thin strokes.
     smooth = ndimage.gaussian_filter(grey, min(1.0, min(grey.shape) / 200))
     # Polarity: remove thin bright things (an opening); if what is left is dark everywhere, the
-    # background is dark and the ink is the light part.
-    light_on_dark = np.percentile(ndimage.grey_opening(smooth, size=size), 90) < 0.5
+    # background is dark and the ink is the light part. "Dark" is judged against the photo's brightest
+    # part, not a fixed level: a dim photo of paper (paper at 35%) is still dark ink on light paper.
+    light_on_dark = np.percentile(ndimage.grey_opening(smooth, size=size), 90) < 0.5 * np.percentile(smooth, 99.5)
     if light_on_dark:
         smooth = 1 - smooth
     paper = ndimage.grey_closing(smooth, size=size, mode="nearest")
@@ -1454,8 +1455,12 @@ def remove_lines(contrast: np.ndarray) -> tuple[np.ndarray, float | None]:
     of the line has (a low percentile, so a digit crossing it does not count), above that of a typical row
     of paper, is the printed line's, and is subtracted: a stroke lying on a printed line keeps its own
     contrast. NaN pixels (not the page: `drop_frame_edge`) count as outside the photo, and come back as 0.
+    Both directions are measured on the contrast as it came, and taken out together at the end: measured
+    after the lines across were taken out, the lines down squared paper have a gap at every crossing,
+    which pulled their measured level down so far that most of them stayed.
     """
     page_angle = None
+    printed = np.zeros(contrast.shape)  # the printed lines' contrast, found so far
     for across in (True, False):  # lines across (ruled and squared paper), then down (squared, margin)
         image = contrast if across else contrast.T
         angle = _line_angle(image)
@@ -1474,11 +1479,10 @@ def remove_lines(contrast: np.ndarray) -> tuple[np.ndarray, float | None]:
         np.maximum.at(lines_here, where, LINE_MARGIN * line[:, None])
         pad = (straight.shape[0] - image.shape[0]) // 2
         lines_here = ndimage.grey_dilation(lines_here[pad:pad + image.shape[0]], size=(3, 1))  # soft edges too
-        image = np.clip(image - lines_here, 0, 1)
-        contrast = image if across else image.T
+        printed += lines_here if across else lines_here.T
         if page_angle is None:
             page_angle = angle if across else -angle
-    return np.nan_to_num(contrast), page_angle
+    return np.nan_to_num(np.clip(contrast - printed, 0, 1)), page_angle
 
 
 # --- 4. find the ink, and keep what may be handwriting ------------------------------------------------
