@@ -1705,7 +1705,7 @@ def group_digits(parts: list[dict]) -> list[list[dict]]:
     """Pieces of ink in a row -> digits, left to right: pieces that overlap sideways are one digit
     (the flag of a 5 above its body, the two strokes of a 4). Digits written on one line are about
     equally tall, so a group under half the row's typical height (a speck, a scrap of a line or of the
-    table's edge) is not a digit and is left out."""
+    table's edge) or over three times it (a margin line down the page) is not a digit and is left out."""
     height = np.median([p["box"][2] - p["box"][0] for p in parts])
     # Only pieces on the row's line: their vertical middle near the middle of the tall pieces' ink (a
     # median weighted by area, so that many scraps, such as a broken margin line, do not outvote digits).
@@ -1722,7 +1722,7 @@ def group_digits(parts: list[dict]) -> list[list[dict]]:
                 continue
         groups.append([p])
     heights = [_height(g) for g in groups]
-    return [g for g, h in zip(groups, heights) if h >= 0.5 * np.median(heights)]
+    return [g for g, h in zip(groups, heights) if 0.5 * np.median(heights) <= h <= 3 * np.median(heights)]
 
 
 def _ink_median(parts: list[dict], values: list[float]) -> float:

@@ -430,6 +430,9 @@ def test_read_number_reads_a_row_and_a_single_digit(font_model, tmp_path):
     for top in range(150, 480, 25):
         page[top:top + 8, 270:276] = 60
     assert mnist_jax.read_number(page, model) == "2026"  # many small dashes do not outvote four digits
+    margin = np.pad(row_of("2026"), ((60, 60), (0, 60)), constant_values=230)
+    margin[:, -40:-38] = 60  # a margin line down the whole page, beside the number
+    assert mnist_jax.read_number(margin, model) == "2026"  # it was read as a fifth digit
     Image.fromarray(row_of("314")).save(tmp_path / "row.png")
     assert mnist_jax.main(["predict", str(tmp_path / "row.png"), "--number", "--params", str(font_model), "--show",
                            "--show-dir", str(tmp_path / "shown")]) == 0
