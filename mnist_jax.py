@@ -1394,7 +1394,7 @@ def shrink(grey: np.ndarray, side: int = WORK_SIDE) -> np.ndarray:
 
 
 # --- 2. flatten the light ------------------------------------------------------------------------
-def flatten_light(grey: np.ndarray) -> tuple[np.ndarray, bool]:
+def flatten_light(grey: np.ndarray, window: int | None = None) -> tuple[np.ndarray, bool]:
     """Ink contrast (H, W) in [0, 1]: 0 where the paper is, near 1 for the darkest ink. Also: was the
     ink lighter than its background (chalk on a blackboard, white on black)?
 
@@ -1402,6 +1402,8 @@ def flatten_light(grey: np.ndarray) -> tuple[np.ndarray, bool]:
     pen stroke (the strokes vanish into the paper around them), then a minimum filter of the same size
     (which brings back the large dark things: a shadow, the table beyond the page). Light falling on the
     page multiplies its brightness, so dividing by the paper's brightness undoes a shadow or a gradient.
+    `window` is the filters' size in pixels: by default a third of the shorter side, which keeps the
+    table beyond the page whole; `paper_window` gives a narrower one that follows the light better.
     """
     size = max(3, min(grey.shape) // 3)
     # Sensor noise would otherwise raise the paper's maximum; a small image has little noise and thin strokes.
@@ -1412,8 +1414,31 @@ def flatten_light(grey: np.ndarray) -> tuple[np.ndarray, bool]:
     light_on_dark = np.percentile(ndimage.grey_opening(smooth, size=size), 90) < 0.5 * np.percentile(smooth, 99.5)
     if light_on_dark:
         smooth = 1 - smooth
-    paper = ndimage.grey_closing(smooth, size=size, mode="nearest")
+    paper = ndimage.grey_closing(smooth, size=window or size, mode="nearest")
     return np.clip(1 - smooth / np.maximum(paper, 1e-3), 0, 1), bool(light_on_dark)
+
+
+def stroke_width(mask: np.ndarray) -> float:
+    """The typical width in pixels of the strokes in a mask. A stroke of width w and length L covers
+    w * L pixels and has about 2 * L edge pixels, so 2 * area / edge pixels measures the width
+    without tracing the strokes."""
+    edge = mask & ~ndimage.binary_erosion(mask)
+    return 2 * mask.sum() / max(1, edge.sum())
+
+
+def paper_window(contrast: np.ndarray) -> int:
+    """The window for `flatten_light` that fits this photo: three times its strokes' width, so that
+    every stroke still vanishes into the paper around it, but no wider, so that the estimate follows a
+    vignette's dark corners and the soft edge of a hand's shadow (a third of the frame did not: they
+    were left as grey rings and blobs that outweighed the digit). At least 6% of the shorter side, at
+    most a third. The strokes are the clearly dark pieces of `contrast` (flattened with the default
+    window) that do not touch the frame, where the vignette or the table would count as wide strokes."""
+    strong = contrast > 0.5 * np.percentile(contrast, 99.5)
+    labels, _ = ndimage.label(strong, structure=np.ones((3, 3)))
+    inner = strong & ~np.isin(labels, np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    side = min(contrast.shape)
+    width = stroke_width(inner if inner.sum() >= 20 else strong)
+    return max(3, int(np.clip(3 * width, 0.06 * side, side / 3)))
 
 
 # --- 3. the ruled and squared lines of the paper ------------------------------------------------------
@@ -1506,14 +1531,18 @@ def _along_the_edge(mask: np.ndarray) -> np.ndarray:
     return along[labels]
 
 
-def drop_frame_edge(contrast: np.ndarray) -> np.ndarray:
+def drop_frame_edge(contrast: np.ndarray, wide: np.ndarray | None = None) -> np.ndarray:
     """The contrast without the dark things that run along the frame's edge: the table beyond the page,
     the page's edge, cut by the frame. They are found as the clearly dark pieces (above 40% of the
     strongest contrast) that run along a third of a side or more, and taken out with a margin for their
     soft borders. A digit may touch the frame too, so if not even faint ink would be left (a faint pencil
     digit beside a dark table is left), only what runs along most of a side goes.
+    They are looked for in `wide` if given: the contrast against the default, wide window, in which the
+    table stays one long dark piece (a narrow window flattens most of it into grain, and leaves its
+    corner as a short dark sliver that no longer runs along the edge).
     What is taken out becomes NaN, not 0: it is not the page, so it does not count when the printed
     lines' contrast along the page is measured next."""
+    out, contrast = contrast, (contrast if wide is None else wide)
     soft = ndimage.gaussian_filter(contrast, 2)  # a table's grain would break it into bits
     strongest = float(np.percentile(soft, 99.9))
     clear = soft > 0.4 * strongest
@@ -1523,7 +1552,7 @@ def drop_frame_edge(contrast: np.ndarray) -> np.ndarray:
     faint = ndimage.gaussian_filter(contrast, 1) > 0.1 * strongest  # (without the wide blur's halo)
     if (faint & ~edge).sum() < 0.002 * faint.size:  # not even faint ink would be left
         edge = ndimage.binary_dilation(along > 0.8, iterations=margin)
-    return np.where(edge, np.nan, contrast)
+    return np.where(edge, np.nan, out)
 
 
 def find_ink(contrast: np.ndarray) -> np.ndarray:
@@ -1634,9 +1663,8 @@ def normalise_strokes(ink: np.ndarray) -> np.ndarray:
     """Thicken strokes that, fitted into 20x20, would be under half MNIST's width (a hairline pen) to
     about MNIST's; other strokes are left as written.
 
-    A stroke of width w and length L covers w * L pixels and has about 2 * L edge pixels, so
-    2 * area / edge pixels measures the width without tracing the strokes. A digit under 40 px is
-    left as it is: a pixel more or less would change it too much, and there is nothing to measure.
+    The width is measured by `stroke_width`. A digit under 40 px is left as it is: a pixel more or
+    less would change it too much, and there is nothing to measure.
     Why only hairlines, and only far from MNIST's width: growing a stroke by whole pixels also closes a
     small loop, and thinning a marker's strokes (MNIST has fat ones too) hollowed out filled loops and
     cut joints; without thinning, the USPS and phone-style photos were read 0.2-0.5 points better.
@@ -1644,10 +1672,9 @@ def normalise_strokes(ink: np.ndarray) -> np.ndarray:
     if max(ink.shape) < 40:
         return ink
     mask = ink > 0.5
-    edge = mask & ~ndimage.binary_erosion(mask)
-    if edge.sum() == 0:
+    if not mask.any():
         return ink
-    width = 2 * mask.sum() / edge.sum()
+    width = stroke_width(mask)
     target = MNIST_STROKE * max(ink.shape)
     grow = int(round((target - width) / 2))  # each step widens a stroke by 2 px
     if width >= target / 2:  # (otherwise grow >= 1: the digit is at least 40 px, so target >= 5 px)
@@ -1661,9 +1688,10 @@ def find_parts(image, stages: dict):
     """Steps 1-5 shared by one digit and a row: grey -> contrast -> no lines -> ink -> pieces."""
     grey = shrink(load_image(image, draft=WORK_SIDE))
     stages["grey, small"] = grey
-    contrast, inverted = flatten_light(grey)
+    wide, inverted = flatten_light(grey)
+    contrast, _ = flatten_light(grey, paper_window(wide))
     stages["light flattened" + (" (light ink)" if inverted else "")] = contrast
-    contrast = drop_frame_edge(contrast)
+    contrast = drop_frame_edge(contrast, wide)
     stages["frame's edge dropped"] = np.nan_to_num(contrast)
     contrast, angle = remove_lines(contrast)
     stages["lines removed"] = contrast
