@@ -1412,6 +1412,8 @@ def flatten_light(grey: np.ndarray, window: int | None = None) -> tuple[np.ndarr
     # background is dark and the ink is the light part. "Dark" is judged against the photo's brightest
     # part, not a fixed level: a dim photo of paper (paper at 35%) is still dark ink on light paper.
     light_on_dark = np.percentile(ndimage.grey_opening(smooth, size=size), 90) < 0.5 * np.percentile(smooth, 99.5)
+    if light_on_dark and np.median(smooth) > np.mean(np.percentile(smooth, [2, 98])):
+        light_on_dark = False  # most of the photo is light: paper, darkened everywhere by its printed lines
     if light_on_dark:
         smooth = 1 - smooth
     paper = ndimage.grey_closing(smooth, size=window or size, mode="nearest")

@@ -348,6 +348,13 @@ def test_a_dim_photo_of_paper_is_still_dark_ink_on_light_paper(font_model):
         assert not mnist_jax.flatten_light(photo / 255)[1]
         assert mnist_jax.predict_digit(photo.astype(np.uint8), model) == digit
         assert mnist_jax.flatten_light(render(digit, 40, seed=seed) * np.float32(0.35 / 255))[1]  # chalk, dim
+    page = notebook_page(spacing=24).astype(np.float32)  # dark, thick ruled lines: every window has one
+    for top in range(12, 600, 24):
+        page[top - 1:top + 2] = 90
+    ink = np.asarray(Image.fromarray(render(7, 40, seed=1)).resize((120, 120), Image.BICUBIC)) / 255
+    page[200:320, 300:420] *= (1 - 0.8 * ink)[:, :, None]
+    assert not mnist_jax.flatten_light(page.mean(axis=2) / 255)[1]
+    assert mnist_jax.predict_digit(page.astype(np.uint8), model) == 7
 
 
 def test_a_digit_in_a_corner_darkened_by_vignetting_and_falling_light_is_read(font_model):
