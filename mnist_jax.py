@@ -1414,10 +1414,33 @@ def flatten_light(grey: np.ndarray, window: int | None = None) -> tuple[np.ndarr
     light_on_dark = np.percentile(ndimage.grey_opening(smooth, size=size), 90) < 0.5 * np.percentile(smooth, 99.5)
     if light_on_dark and np.median(smooth) > np.mean(np.percentile(smooth, [2, 98])):
         light_on_dark = False  # most of the photo is light: paper, darkened everywhere by its printed lines
+    if light_on_dark and _a_sheet_of_paper(smooth):
+        light_on_dark = False  # a sticky note or a page on a dark desk
     if light_on_dark:
         smooth = 1 - smooth
     paper = ndimage.grey_closing(smooth, size=window or size, mode="nearest")
     return np.clip(1 - smooth / np.maximum(paper, 1e-3), 0, 1), bool(light_on_dark)
+
+
+def _a_sheet_of_paper(image: np.ndarray) -> bool:
+    """Does the photo hold a sheet of paper: a light region over a third of the shorter side
+    across, with some writing on it, that nearly fills the smallest rectangle around it at any angle
+    (a sticky note on a dark desk)? A light stroke is thin, and a thick light 0 is round and mostly hole."""
+    low, high = np.percentile(image, [2, 98])
+    labels, _ = ndimage.label(image > (low + high) / 2)
+    for i, box in enumerate(ndimage.find_objects(labels), start=1):
+        if min(box[0].stop - box[0].start, box[1].stop - box[1].start) < 0.35 * min(image.shape):
+            continue
+        mine = labels[box] == i
+        filled = ndimage.binary_fill_holes(mine)  # with the writing on it
+        if not 0.01 * filled.sum() < (filled & ~mine).sum() < 0.2 * filled.sum():
+            continue  # paper has some writing on it, and not much: a light 0 is mostly hole
+        rim = np.argwhere(filled & ~ndimage.binary_erosion(filled)).astype(float)
+        turns = [np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) for a in np.radians(range(0, 90, 3))]
+        rectangle = min(np.prod(np.ptp(rim @ turn, axis=0) + 1) for turn in turns)
+        if filled.sum() >= 0.88 * rectangle:
+            return True
+    return False
 
 
 def stroke_width(mask: np.ndarray) -> float:

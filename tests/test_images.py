@@ -355,6 +355,17 @@ def test_a_dim_photo_of_paper_is_still_dark_ink_on_light_paper(font_model):
     page[200:320, 300:420] *= (1 - 0.8 * ink)[:, :, None]
     assert not mnist_jax.flatten_light(page.mean(axis=2) / 255)[1]
     assert mnist_jax.predict_digit(page.astype(np.uint8), model) == 7
+    for seed, digit in enumerate((3, 4, 9)):  # a sticky note on a dark desk: most of the photo is dark
+        rng = np.random.default_rng(seed)
+        desk = ndimage.gaussian_filter(rng.normal(60, 15, (480, 640)), (1, 8))  # grain along the wood
+        note = np.zeros((480, 640))
+        note[140:340, 220:420] = 1
+        note = ndimage.rotate(note, 12 * seed - 12, reshape=False, order=1)
+        photo = desk * (1 - note) + 235 * note
+        ink = np.asarray(Image.fromarray(render(digit, 40, seed=seed)).resize((120, 120), Image.BICUBIC)) / 255
+        photo[180:300, 260:380] *= 1 - 0.8 * ink
+        assert not mnist_jax.flatten_light(photo / 255)[1], seed
+        assert mnist_jax.predict_digit(photo.clip(0, 255).astype(np.uint8), model) == digit, seed
 
 
 def test_a_digit_in_a_corner_darkened_by_vignetting_and_falling_light_is_read(font_model):
