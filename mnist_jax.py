@@ -1394,9 +1394,11 @@ def shrink(grey: np.ndarray, side: int = WORK_SIDE) -> np.ndarray:
 
 
 # --- 2. flatten the light ------------------------------------------------------------------------
-def flatten_light(grey: np.ndarray, window: int | None = None) -> tuple[np.ndarray, bool]:
+def flatten_light(grey: np.ndarray, window: int | None = None,
+                  light_on_dark: bool | None = None) -> tuple[np.ndarray, bool]:
     """Ink contrast (H, W) in [0, 1]: 0 where the paper is, near 1 for the darkest ink. Also: was the
-    ink lighter than its background (chalk on a blackboard, white on black)?
+    ink lighter than its background (chalk on a blackboard, white on black)? Pass `light_on_dark` if
+    that is known already (it does not depend on the window).
 
     The paper's brightness at each point is estimated by a grey closing: a maximum filter wider than any
     pen stroke (the strokes vanish into the paper around them), then a minimum filter of the same size
@@ -1408,18 +1410,28 @@ def flatten_light(grey: np.ndarray, window: int | None = None) -> tuple[np.ndarr
     size = max(3, min(grey.shape) // 3)
     # Sensor noise would otherwise raise the paper's maximum; a small image has little noise and thin strokes.
     smooth = ndimage.gaussian_filter(grey, min(1.0, min(grey.shape) / 200))
-    # Polarity: remove thin bright things (an opening); if what is left is dark everywhere, the
-    # background is dark and the ink is the light part. "Dark" is judged against the photo's brightest
-    # part, not a fixed level: a dim photo of paper (paper at 35%) is still dark ink on light paper.
-    light_on_dark = np.percentile(ndimage.grey_opening(smooth, size=size), 90) < 0.5 * np.percentile(smooth, 99.5)
-    if light_on_dark and np.median(smooth) > np.mean(np.percentile(smooth, [2, 98])):
-        light_on_dark = False  # most of the photo is light: paper, darkened everywhere by its printed lines
-    if light_on_dark and _a_sheet_of_paper(smooth):
-        light_on_dark = False  # a sticky note or a page on a dark desk
+    if light_on_dark is None:
+        light_on_dark = _light_ink(smooth, size)
     if light_on_dark:
         smooth = 1 - smooth
     paper = ndimage.grey_closing(smooth, size=window or size, mode="nearest")
     return np.clip(1 - smooth / np.maximum(paper, 1e-3), 0, 1), bool(light_on_dark)
+
+
+def _light_ink(smooth: np.ndarray, size: int) -> bool:
+    """Is the ink lighter than its background? Remove thin bright things (an opening of `size`); if what
+    is left is dark, the background is dark and the ink is the light part. "Dark" is below half the
+    photo's brightest part, not a fixed level: a dim photo of paper (at 35%) is still paper, as its
+    brightest part is the paper itself. (So chalk less than twice as bright as its board counts as
+    dark ink: a looser level turned more photos of paper into boards.) Two more checks keep paper
+    as paper: most of a blackboard photo is the board, and a sheet of paper on a dark desk is not a
+    stroke."""
+    background = np.percentile(ndimage.grey_opening(smooth, size=size), 90)
+    if background >= 0.5 * np.percentile(smooth, 99.5):
+        return False
+    if np.median(smooth) > np.mean(np.percentile(smooth, [2, 98])):
+        return False  # most of the photo is light: paper, darkened everywhere by dense printed lines
+    return not _a_sheet_of_paper(smooth)  # a sticky note or a page on a dark desk
 
 
 def _a_sheet_of_paper(image: np.ndarray) -> bool:
@@ -1428,6 +1440,7 @@ def _a_sheet_of_paper(image: np.ndarray) -> bool:
     (a sticky note on a dark desk)? A light stroke is thin, and a thick light 0 is round and mostly hole."""
     low, high = np.percentile(image, [2, 98])
     labels, _ = ndimage.label(image > (low + high) / 2)
+    turns = [np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) for a in np.radians(range(0, 90, 3))]
     for i, box in enumerate(ndimage.find_objects(labels), start=1):
         if min(box[0].stop - box[0].start, box[1].stop - box[1].start) < 0.35 * min(image.shape):
             continue
@@ -1436,7 +1449,6 @@ def _a_sheet_of_paper(image: np.ndarray) -> bool:
         if not 0.01 * filled.sum() < (filled & ~mine).sum() < 0.2 * filled.sum():
             continue  # paper has some writing on it, and not much: a light 0 is mostly hole
         rim = np.argwhere(filled & ~ndimage.binary_erosion(filled)).astype(float)
-        turns = [np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) for a in np.radians(range(0, 90, 3))]
         rectangle = min(np.prod(np.ptp(rim @ turn, axis=0) + 1) for turn in turns)
         if filled.sum() >= 0.88 * rectangle:
             return True
@@ -1462,7 +1474,7 @@ def paper_window(contrast: np.ndarray) -> int:
     labels, _ = ndimage.label(strong, structure=np.ones((3, 3)))
     inner = strong & ~np.isin(labels, np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
     side = min(contrast.shape)
-    width = stroke_width(inner if inner.sum() >= 20 else strong)
+    width = stroke_width(inner if inner.sum() >= 20 else strong)  # (a digit touching the frame: all of it)
     return max(3, int(np.clip(3 * width, 0.06 * side, side / 3)))
 
 
@@ -1567,17 +1579,17 @@ def drop_frame_edge(contrast: np.ndarray, wide: np.ndarray | None = None) -> np.
     corner as a short dark sliver that no longer runs along the edge).
     What is taken out becomes NaN, not 0: it is not the page, so it does not count when the printed
     lines' contrast along the page is measured next."""
-    out, contrast = contrast, (contrast if wide is None else wide)
-    soft = ndimage.gaussian_filter(contrast, 2)  # a table's grain would break it into bits
+    look_in = contrast if wide is None else wide
+    soft = ndimage.gaussian_filter(look_in, 2)  # a table's grain would break it into bits
     strongest = float(np.percentile(soft, 99.9))
     clear = soft > 0.4 * strongest
     along = _along_the_edge(clear)
     margin = max(1, round(0.03 * min(contrast.shape)))
     edge = ndimage.binary_dilation(along > 1 / 3, iterations=margin)
-    faint = ndimage.gaussian_filter(contrast, 1) > 0.1 * strongest  # (without the wide blur's halo)
+    faint = ndimage.gaussian_filter(look_in, 1) > 0.1 * strongest  # (without the wide blur's halo)
     if (faint & ~edge).sum() < 0.002 * faint.size:  # not even faint ink would be left
         edge = ndimage.binary_dilation(along > 0.8, iterations=margin)
-    return np.where(edge, np.nan, out)
+    return np.where(edge, np.nan, contrast)
 
 
 def find_ink(contrast: np.ndarray) -> np.ndarray:
@@ -1714,7 +1726,7 @@ def find_parts(image, stages: dict):
     grey = shrink(load_image(image, draft=WORK_SIDE))
     stages["grey, small"] = grey
     wide, inverted = flatten_light(grey)
-    contrast, _ = flatten_light(grey, paper_window(wide))
+    contrast, _ = flatten_light(grey, paper_window(wide), inverted)
     stages["light flattened" + (" (light ink)" if inverted else "")] = contrast
     contrast = drop_frame_edge(contrast, wide)
     stages["frame's edge dropped"] = np.nan_to_num(contrast)

@@ -370,7 +370,7 @@ def test_a_dim_photo_of_paper_is_still_dark_ink_on_light_paper(font_model):
 
 def test_a_digit_in_a_corner_darkened_by_vignetting_and_falling_light_is_read(font_model):
     # A third of the frame was too wide a window for the paper's brightness here: it could not follow
-    # the corner's fall-off, which was left as a grey ring that outweighed the digit (2 of 16 read).
+    # the corner's fall-off, which was left as a grey ring that outweighed the digit (2 of 8 read).
     model = mnist_jax.load_params(font_model)
     right = 0
     for seed in range(8):
