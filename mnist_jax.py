@@ -1429,20 +1429,20 @@ def _light_ink(smooth: np.ndarray, size: int) -> bool:
     background = np.percentile(ndimage.grey_opening(smooth, size=size), 90)
     if background >= 0.5 * np.percentile(smooth, 99.5):
         return False
-    if np.median(smooth) > np.mean(np.percentile(smooth, [2, 98])):
+    light = smooth > np.mean(np.percentile(smooth, [2, 98]))  # lighter than the middle of the photo's range
+    if light.mean() > 0.5:
         return False  # most of the photo is light: paper, darkened everywhere by dense printed lines
-    return not _a_sheet_of_paper(smooth)  # a sticky note or a page on a dark desk
+    return not _a_sheet_of_paper(light)  # a sticky note or a page on a dark desk
 
 
-def _a_sheet_of_paper(image: np.ndarray) -> bool:
-    """Does the photo hold a sheet of paper: a light region over a third of the shorter side
+def _a_sheet_of_paper(light: np.ndarray) -> bool:
+    """Does the photo's `light` part hold a sheet of paper: a region over a third of the shorter side
     across, with some writing on it, that nearly fills the smallest rectangle around it at any angle
     (a sticky note on a dark desk)? A light stroke is thin, and a thick light 0 is round and mostly hole."""
-    low, high = np.percentile(image, [2, 98])
-    labels, _ = ndimage.label(image > (low + high) / 2)
+    labels, _ = ndimage.label(light)
     turns = [np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) for a in np.radians(range(0, 90, 3))]
     for i, box in enumerate(ndimage.find_objects(labels), start=1):
-        if min(box[0].stop - box[0].start, box[1].stop - box[1].start) < 0.35 * min(image.shape):
+        if min(box[0].stop - box[0].start, box[1].stop - box[1].start) < 0.35 * min(light.shape):
             continue
         mine = labels[box] == i
         filled = ndimage.binary_fill_holes(mine)  # with the writing on it
