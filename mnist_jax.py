@@ -1713,9 +1713,9 @@ def normalise_strokes(ink: np.ndarray) -> np.ndarray:
         return ink
     width = stroke_width(mask)
     target = MNIST_STROKE * max(ink.shape)
-    grow = int(round((target - width) / 2))  # each step widens a stroke by 2 px
-    if width >= target / 2:  # (otherwise grow >= 1: the digit is at least 40 px, so target >= 5 px)
+    if width >= target / 2:
         return ink
+    grow = int(round((target - width) / 2))  # each step widens a stroke by 2 px (>= 1: target >= 5 px at 40 px)
     # A disk grows a curve by the same amount in every direction (a square, more diagonally).
     disk = np.hypot(*np.mgrid[-grow:grow + 1, -grow:grow + 1]) <= grow + 0.5
     return ndimage.grey_dilation(np.pad(ink, grow), footprint=disk)
@@ -1787,7 +1787,8 @@ def group_digits(parts: list[dict]) -> list[list[dict]]:
                 continue
         groups.append([p])
     heights = [_height(g) for g in groups]
-    return [g for g, h in zip(groups, heights) if 0.5 * np.median(heights) <= h <= 3 * np.median(heights)]
+    typical = np.median(heights)
+    return [g for g, h in zip(groups, heights) if 0.5 * typical <= h <= 3 * typical]
 
 
 def _ink_median(parts: list[dict], values: list[float]) -> float:
