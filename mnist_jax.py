@@ -1374,6 +1374,7 @@ WORK_SIDE = 320  # the photo's shorter side is brought down to about this: a dig
 MNIST_STROKE = 2.6 / 20  # MNIST's median stroke width, as a fraction of the 20 px box the digit is fitted into
 LINE_MARGIN = 2.0  # a printed line varies along its length: take out twice its typical contrast
 LINE_ANGLES = np.arange(-16, 16.01, 1.0)  # the page may be turned this much (degrees) in the photo
+LINE_FANS = (-16, 16)  # and seen at a slant: its lines' angles may differ this much, top to bottom
 
 
 # --- 1. load, and make a big photo small first --------------------------------------------------------
@@ -1479,32 +1480,55 @@ def paper_window(contrast: np.ndarray) -> int:
 
 
 # --- 3. the ruled and squared lines of the paper ------------------------------------------------------
-def _straighten(image: np.ndarray, angle: float) -> tuple[np.ndarray, tuple]:
-    """Rows of `image` taken along lines at `angle` degrees: row r of the result follows one straight
-    line across the photo (NaN where the line is outside it). Also the (rows, columns) it was read at,
-    in the photo padded with NaN rows above and below."""
+def _straighten(image: np.ndarray, angle: float, fan: float = 0.0) -> tuple[np.ndarray, tuple]:
+    """Rows of `image` taken along straight lines: row r of the result follows the line that crosses the
+    middle column at height r - pad, turned by `angle` degrees, plus `fan` degrees times its height as a
+    fraction of the image's (NaN where the line is outside it). Seen at a slant, a page's parallel lines
+    meet far away, so their angle changes steadily down the page: the fan. Also the (rows, columns) it
+    was read at, in the photo padded with NaN rows above and below."""
     h, w = image.shape
-    pad = int(np.ceil(w * np.tan(np.radians(np.abs(LINE_ANGLES).max())))) + 1
+    pad = int(np.ceil(w / 2 * np.tan(np.radians(np.abs(LINE_ANGLES).max() + max(LINE_FANS) / 2)))) + 1
     padded = np.pad(image, ((pad, pad), (0, 0)), constant_values=np.nan)
-    rows = np.arange(h + 2 * pad)[:, None] + np.round(np.arange(w) * np.tan(np.radians(angle))).astype(int)
-    where = (np.clip(rows, 0, h + 2 * pad - 1), np.broadcast_to(np.arange(w), rows.shape))
+    row = np.arange(h + 2 * pad)[:, None]
+    slope = np.tan(np.radians(angle + fan * ((row - pad) / h - 0.5) if fan else angle))  # (one for all rows: faster)
+    rows = row + np.rint((np.arange(w) - w / 2) * slope).astype(int)
+    where = (np.clip(rows, 0, h + 2 * pad - 1), np.arange(w))
     return padded[where], where
 
 
-def _line_angle(image: np.ndarray) -> float:
-    """The angle at which sums along straight lines vary most: that of printed lines, if any.
+def _line_direction(image: np.ndarray) -> tuple[float, float]:
+    """The angle and fan (see `_straighten`) at which the mean contrast along straight lines varies
+    most: those of printed lines, if any. (Each line's mean counts as many times as it has pixels, so
+    that a short line across a corner does not count as much as a long one, and a band of paper of even
+    contrast scores 0 at every angle; sums instead of means favoured angles that keep every line long.)
 
-    Whole degrees first, then tenths of a degree around the best (a line must be followed to within a
-    pixel across the photo); every other pixel is enough to tell."""
-    def score(angle):  # the same sums as _straighten's rows would give, added up by np.bincount: faster
-        row = np.arange(h)[:, None] + pad - np.round(np.arange(w) * np.tan(np.radians(angle))).astype(int)
-        sums = np.bincount(np.clip(row, 0, h + 2 * pad - 1).ravel(), weights=small.ravel(), minlength=h + 2 * pad)
-        return np.sum((sums - np.median(sums)) ** 2)
-    small = np.nan_to_num(image[::2, ::2])
-    h, w = small.shape
-    pad = int(np.ceil(w * np.tan(np.radians(np.abs(LINE_ANGLES).max())))) + 1
-    coarse = max(LINE_ANGLES, key=score)
-    return max(np.arange(coarse - 0.6, coarse + 0.61, 0.1), key=score)
+    The angle is found in whole degrees, then in tenths around the best (a line must be followed to
+    within a pixel across the photo). The fan comes from the lines' angles in the top and bottom thirds
+    of the photo, found the same way, and is kept if it lines them up better; every other pixel is
+    enough to tell."""
+    def score(image, angle, fan=0.0):
+        rows = _straighten(image, angle, fan)[0]
+        sums, counts = np.nansum(rows, axis=1), np.isfinite(rows).sum(axis=1)
+        return np.sum(sums[counts > 0] ** 2 / counts[counts > 0]) - sums.sum() ** 2 / max(1, counts.sum())
+
+    def best(image, angles, fan=0.0):
+        return max(angles, key=lambda angle: score(image, angle, fan))
+
+    def best_angle(image, angles=LINE_ANGLES, step=0.1):
+        angle = best(image, angles)
+        return best(image, np.arange(angle - 0.6, angle + 0.61, step))
+
+    small = image[::2, ::2]
+    angle = best_angle(small)
+    third, near = len(small) // 3, np.round(angle) + np.arange(-6, 7)  # (a fan within LINE_FANS)
+    top, bottom = (best_angle(band, near, step=0.2) for band in (small[:third], small[-third:]))  # rows h/6, 5h/6
+    fan = float(np.clip(1.5 * (bottom - top), LINE_FANS[0], LINE_FANS[-1]))
+    if abs(fan) < 0.5 or score(small, (top + bottom) / 2, fan) <= score(small, angle):
+        return angle, 0.0
+    angle = (top + bottom) / 2
+    fan = max(np.arange(fan - 2, fan + 2.01, 0.25), key=lambda f: score(small, angle, f))
+    angle = best(small, np.arange(angle - 0.3, angle + 0.31, 0.1), fan)
+    return angle, max(np.arange(fan - 0.2, fan + 0.21, 0.1), key=lambda f: score(small, angle, f))
 
 
 def remove_lines(contrast: np.ndarray) -> tuple[np.ndarray, float | None]:
@@ -1512,11 +1536,12 @@ def remove_lines(contrast: np.ndarray) -> tuple[np.ndarray, float | None]:
     page's angle in degrees if there were ruled lines to tell it (else None).
 
     A printed line is long, straight and the same all along; a digit is none of these. Adding up the
-    contrast along straight lines at each angle the page may be turned by, printed lines make a few sums
-    stand out when the angle is right. Then, along each line at that angle, the contrast that nearly all
-    of the line has (a low percentile, so a digit crossing it does not count), above that of a typical row
-    of paper, is the printed line's, and is subtracted: a stroke lying on a printed line keeps its own
-    contrast. NaN pixels (not the page: `drop_frame_edge`) count as outside the photo, and come back as 0.
+    contrast along straight lines at each angle the page may be turned by (and fanned out by, if the
+    page was seen at a slant), printed lines make a few sums stand out when the angle is right. Then,
+    along each line at that angle, the contrast that nearly all of the line has (a low percentile, so a
+    digit crossing it does not count), above that of a typical row of paper, is the printed line's, and
+    is subtracted: a stroke lying on a printed line keeps its own contrast. NaN pixels (not the page:
+    `drop_frame_edge`) count as outside the photo, and come back as 0.
     Both directions are measured on the contrast as it came, and taken out together at the end: measured
     after the lines across were taken out, the lines down squared paper have a gap at every crossing,
     which pulled their measured level down so far that most of them stayed.
@@ -1525,8 +1550,8 @@ def remove_lines(contrast: np.ndarray) -> tuple[np.ndarray, float | None]:
     printed = np.zeros(contrast.shape)  # the printed lines' contrast, found so far
     for across in (True, False):  # lines across (ruled and squared paper), then down (squared, margin)
         image = contrast if across else contrast.T
-        angle = _line_angle(image)
-        straight, where = _straighten(image, angle)  # each printed line is now one row
+        angle, fan = _line_direction(image)
+        straight, where = _straighten(image, angle, fan)  # each printed line is now one row
         inside = np.isfinite(straight).sum(axis=1)
         # A line's level, not a stroke's: the 15th percentile of each row's pixels inside the photo (a
         # sort puts the NaNs outside it last; np.nanpercentile along rows is ten times slower).
