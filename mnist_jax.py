@@ -1617,12 +1617,16 @@ def drop_frame_edge(contrast: np.ndarray, wide: np.ndarray | None = None) -> np.
     return np.where(edge, np.nan, contrast)
 
 
-def find_ink(contrast: np.ndarray) -> np.ndarray:
+def find_ink(contrast: np.ndarray, faint: bool = True) -> np.ndarray:
     """Ink mask: what stands out from the paper, relative to the strongest ink in the photo.
 
     The strongest ink (a high percentile of what is clearly above the noise) sets two thresholds: a
     pixel is ink if it is above half of it, or above a quarter of it and joined to such a pixel
-    (hysteresis: the faint parts of a pencil stroke stay attached to their stroke).
+    (hysteresis: the faint parts of a pencil stroke stay attached to their stroke). With `faint`, the
+    joined part may be fainter still where the paper is clean: down to three times the photo's 95th
+    percentile (mostly paper). A thin pen's stroke fades in places, far below its darkest blot but far
+    above clean paper; cut there, the digit lost a stroke. A row is found without `faint`: there, such
+    faint ink (a blur, a smudge) also joined neighbouring digits into one.
     """
     noise = 0.04 + 3 * float(np.percentile(contrast, 25))  # most of a photo is paper; a big digit, half
     marked = contrast > noise
@@ -1641,7 +1645,8 @@ def find_ink(contrast: np.ndarray) -> np.ndarray:
     if strongest < MIN_INK_CONTRAST:  # nothing darker than the paper's own grain: no ink at all
         return np.zeros_like(marked)
     strong = marked & (contrast > max(noise, 0.5 * strongest))
-    weak = marked & (contrast > max(noise, 0.25 * strongest))
+    joined = min(0.25 * strongest, 3 * float(np.percentile(contrast, 95))) if faint else 0.25 * strongest
+    weak = marked & (contrast > max(noise, joined))
     labels, _ = ndimage.label(weak, structure=np.ones((3, 3)))
     return np.isin(labels, np.unique(labels[strong])) & weak
 
@@ -1746,8 +1751,9 @@ def normalise_strokes(ink: np.ndarray) -> np.ndarray:
     return ndimage.grey_dilation(np.pad(ink, grow), footprint=disk)
 
 
-def find_parts(image, stages: dict):
-    """Steps 1-5 shared by one digit and a row: grey -> contrast -> no lines -> ink -> pieces."""
+def find_page(image, stages: dict) -> tuple[np.ndarray, float | None]:
+    """Steps 1-3 shared by one digit and a row: grey -> contrast -> no frame's edge -> no lines. Returns
+    the contrast and the page's angle (see `remove_lines`)."""
     grey = shrink(load_image(image, draft=WORK_SIDE))
     stages["grey, small"] = grey
     wide, inverted = flatten_light(grey)
@@ -1757,13 +1763,19 @@ def find_parts(image, stages: dict):
     stages["frame's edge dropped"] = np.nan_to_num(contrast)
     contrast, angle = remove_lines(contrast)
     stages["lines removed"] = contrast
-    mask = find_ink(contrast)
+    return contrast, angle
+
+
+def find_parts(image, contrast: np.ndarray, stages: dict, row: bool = False) -> list[dict]:
+    """Step 4: the pieces of ink in the contrast (`image` only names the photo in the error).
+    Raises ImageError if there are none."""
+    mask = find_ink(contrast, faint=not row)
     stages["ink"] = mask.astype(np.float32)
     parts = ink_parts(mask, contrast)
     if not parts:
         raise ImageError(f"no digit found in {_image_name(image)}: no handwriting stands out from the paper (only "
                          "lines, shadows or the page's edge). Photograph the digit larger, darker, or closer.")
-    return parts, contrast, angle
+    return parts
 
 
 def one_digit(parts: list[dict], contrast: np.ndarray, angle: float | None, stages: dict) -> np.ndarray:
@@ -1787,7 +1799,8 @@ def preprocess(image, steps: bool = False):
       ImageError: unreadable image, or no digit found.
     """
     stages = {}
-    result = one_digit(*find_parts(image, stages), stages)
+    contrast, angle = find_page(image, stages)
+    result = one_digit(find_parts(image, contrast, stages), contrast, angle, stages)
     return (result, stages) if steps else result
 
 
@@ -1876,7 +1889,8 @@ def split_digits(image, steps: bool = False):
     Raises ImageError when no digit is found.
     """
     stages = {}
-    digits, boxes = digits_in_a_row(*find_parts(image, stages), stages)
+    contrast, angle = find_page(image, stages)
+    digits, boxes = digits_in_a_row(find_parts(image, contrast, stages, row=True), contrast, angle, stages)
     if not digits:
         raise ImageError(f"no digit found in {_image_name(image)}: the ink found is too faint or too small to "
                          "be digits. Photograph the digits larger, darker, or closer.")
@@ -2430,12 +2444,13 @@ def predict_upload(model, body: bytes) -> dict:
     """What POST /predict answers for an image's bytes: digit, probabilities, input28 (+ number). The steps
     that one digit and a row share (light, lines, ink) run once."""
     stages = {}
-    found = find_parts(_open_upload(body), stages)
-    img28 = one_digit(*found, stages)
+    image = _open_upload(body)
+    contrast, angle = find_page(image, stages)
+    img28 = one_digit(find_parts(image, contrast, stages), contrast, angle, stages)
     probs = np.asarray(probabilities(model, img28), np.float64).reshape(10)
     answer = {"digit": int(np.argmax(probs)), "probabilities": [round(float(p), 6) for p in probs],
               "input28": _png_data_url(img28)}
-    digits, _ = digits_in_a_row(*found, stages)
+    digits, _ = digits_in_a_row(find_parts(image, contrast, stages, row=True), contrast, angle, stages)
     if len(digits) > 1:
         answer["number"] = "".join(str(int(d)) for d in probabilities(model, np.stack(digits)).argmax(axis=1))
     return answer

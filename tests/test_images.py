@@ -440,6 +440,21 @@ def test_hairline_strokes_are_thickened_towards_mnists_width_and_others_left_as_
     assert abs(mnist_jax.stroke_width(changed > 0.5) - target) < 0.3 * target, mnist_jax.stroke_width(changed > 0.5)
 
 
+def test_a_thin_pen_stroke_that_fades_stays_part_of_its_digit():
+    # A 7 with a dark blot where the pen started (95% contrast), a top at 50% and a stem that fades to
+    # 20%: judged against a quarter of the blot, the stem was cut away and a flat bar was left.
+    photo = np.full((160, 160), 0.9, np.float32) + np.random.default_rng(0).normal(0, 0.004, (160, 160))
+    strokes = [Image.new("L", (160, 160), 0) for _ in range(3)]
+    ImageDraw.Draw(strokes[0]).ellipse([(46, 36), (54, 44)], fill=255)  # the blot
+    ImageDraw.Draw(strokes[1]).line([(50, 40), (100, 40)], fill=255, width=3)  # the top
+    ImageDraw.Draw(strokes[2]).line([(100, 40), (70, 125)], fill=255, width=2)  # the stem
+    ink = np.maximum.reduce([level * np.asarray(s) / 255 for level, s in zip((0.95, 0.5, 0.2), strokes)])
+    photo = (photo * (1 - ink)).clip(0, 1).astype(np.float32)
+    _, steps = mnist_jax.preprocess(photo, steps=True)
+    height, width = steps["digit"].shape
+    assert height > 1.3 * width, (height, width)  # the stem is there: taller than wide
+
+
 @pytest.mark.parametrize("what", ["a dark table beyond a slanted page edge", "a round shadow cut by the frame"])
 def test_a_faint_pencil_digit_beside_what_the_frame_cuts_is_found(font_model, what):
     page = notebook_page().astype(np.float32)
