@@ -1373,8 +1373,9 @@ MIN_INK_CONTRAST = 0.1  # the strongest ink must be at least 10% darker than the
 WORK_SIDE = 320  # the photo's shorter side is brought down to about this: a digit of 15% of it is 48 px tall
 MNIST_STROKE = 2.6 / 20  # MNIST's median stroke width, as a fraction of the 20 px box the digit is fitted into
 LINE_MARGIN = 2.0  # a printed line varies along its length: take out twice its typical contrast
-LINE_ANGLES = np.arange(-16, 16.01, 1.0)  # the page may be turned this much (degrees) in the photo
-LINE_FANS = (-16, 16)  # and seen at a slant: its lines' angles may differ this much, top to bottom
+MARGIN_LINE = 0.06  # a lone printed line (a margin) must stand this far above the paper (contrast, 0-1)
+LINE_ANGLE = 16  # the page may be turned up to this much (degrees) either way in the photo
+LINE_FAN = 16  # and seen at a slant: its lines' angles may differ this much, top to bottom
 
 
 # --- 1. load, and make a big photo small first --------------------------------------------------------
@@ -1487,7 +1488,7 @@ def _straighten(image: np.ndarray, angle: float, fan: float = 0.0) -> tuple[np.n
     meet far away, so their angle changes steadily down the page: the fan. Also the (rows, columns) it
     was read at, in the photo padded with NaN rows above and below."""
     h, w = image.shape
-    pad = int(np.ceil(w / 2 * np.tan(np.radians(np.abs(LINE_ANGLES).max() + max(LINE_FANS) / 2)))) + 1
+    pad = int(np.ceil(w / 2 * np.tan(np.radians(LINE_ANGLE + LINE_FAN / 2)))) + 1
     padded = np.pad(image, ((pad, pad), (0, 0)), constant_values=np.nan)
     row = np.arange(h + 2 * pad)[:, None]
     slope = np.tan(np.radians(angle + fan * ((row - pad) / h - 0.5) if fan else angle))  # (one for all rows: faster)
@@ -1514,21 +1515,31 @@ def _line_direction(image: np.ndarray) -> tuple[float, float]:
     def best(image, angles, fan=0.0):
         return max(angles, key=lambda angle: score(image, angle, fan))
 
-    def best_angle(image, angles=LINE_ANGLES, step=0.1):
-        angle = best(image, angles)
-        return best(image, np.arange(angle - 0.6, angle + 0.61, step))
+    def best_fan(image, angle, fans):
+        return max(fans, key=lambda fan: score(image, angle, fan))
+
+    def best_angle(image, around=0.0, half=16, step=0.1):
+        angle = best(image, _nearest_first(round(around), half, 1.0))
+        return best(image, _nearest_first(angle, 0.6, step))
 
     small = image[::2, ::2]
     angle = best_angle(small)
-    third, near = len(small) // 3, np.round(angle) + np.arange(-6, 7)  # (a fan within LINE_FANS)
-    top, bottom = (best_angle(band, near, step=0.2) for band in (small[:third], small[-third:]))  # rows h/6, 5h/6
-    fan = float(np.clip(1.5 * (bottom - top), LINE_FANS[0], LINE_FANS[-1]))
+    third = len(small) // 3  # the angles of the top and bottom thirds, at rows h/6 and 5h/6
+    top, bottom = (best_angle(band, angle, half=6, step=0.2) for band in (small[:third], small[-third:]))
+    fan = float(np.clip(1.5 * (bottom - top), -LINE_FAN, LINE_FAN))
     if abs(fan) < 0.5 or score(small, (top + bottom) / 2, fan) <= score(small, angle):
         return angle, 0.0
     angle = (top + bottom) / 2
-    fan = max(np.arange(fan - 2, fan + 2.01, 0.25), key=lambda f: score(small, angle, f))
-    angle = best(small, np.arange(angle - 0.3, angle + 0.31, 0.1), fan)
-    return angle, max(np.arange(fan - 0.2, fan + 0.21, 0.1), key=lambda f: score(small, angle, f))
+    fan = best_fan(small, angle, _nearest_first(fan, 2, 0.25))
+    angle = best(small, _nearest_first(angle, 0.3, 0.1), fan)
+    return angle, best_fan(small, angle, _nearest_first(fan, 0.2, 0.1))
+
+
+def _nearest_first(centre: float, half: float, step: float) -> np.ndarray:
+    """centre, centre -+ step, centre -+ 2 step, ... out to -+ half: where two score the same (a turn too
+    small to move any pixel of a small image), `max` keeps the first, the nearest to what was found so far."""
+    offsets = np.arange(step, half + step / 2, step)
+    return np.concatenate([[centre], np.column_stack([centre - offsets, centre + offsets]).ravel()])
 
 
 def remove_lines(contrast: np.ndarray) -> tuple[np.ndarray, float | None]:
@@ -1546,9 +1557,8 @@ def remove_lines(contrast: np.ndarray) -> tuple[np.ndarray, float | None]:
     after the lines across were taken out, the lines down squared paper have a gap at every crossing,
     which pulled their measured level down so far that most of them stayed.
     """
-    page_angle = None
-    printed = np.zeros(contrast.shape)  # the printed lines' contrast, found so far
-    for across in (True, False):  # lines across (ruled and squared paper), then down (squared, margin)
+    found = []  # for lines across (ruled and squared paper), then down (squared paper, a margin)
+    for across in (True, False):
         image = contrast if across else contrast.T
         angle, fan = _line_direction(image)
         straight, where = _straighten(image, angle, fan)  # each printed line is now one row
@@ -1560,11 +1570,18 @@ def remove_lines(contrast: np.ndarray) -> tuple[np.ndarray, float | None]:
         if on_page.any():  # above the typical row's level: in a grainy photo every row of paper has one
             line = line - np.median(line[on_page])
         line[(line < 0.03) | ~on_page] = 0
-        if ndimage.label(line)[1] < 3:  # printed lines come in numbers: fewer than 3 are no lines
+        found.append((across, angle, line, where, ndimage.label(line)[1]))
+    page_angle = None
+    printed = np.zeros(contrast.shape)  # the printed lines' contrast
+    for across, angle, line, where, count in found:
+        # Printed lines come in numbers: fewer than 3 are no lines (a 1 filling the frame is not one), unless
+        # the other way has printed lines and this one stands out clearly: the margin line of ruled paper.
+        if count < 3 and not (found[across][-1] >= 3 and line.max() >= MARGIN_LINE):
             continue
-        lines_here = np.zeros((straight.shape[0], image.shape[1]))  # back from rows to the photo
+        image = contrast if across else contrast.T
+        lines_here = np.zeros((len(line), image.shape[1]))  # back from rows to the photo
         np.maximum.at(lines_here, where, LINE_MARGIN * line[:, None])
-        pad = (straight.shape[0] - image.shape[0]) // 2
+        pad = (len(line) - image.shape[0]) // 2
         lines_here = ndimage.grey_dilation(lines_here[pad:pad + image.shape[0]], size=(3, 1))  # soft edges too
         printed += lines_here if across else lines_here.T
         if page_angle is None:

@@ -311,6 +311,23 @@ def test_a_digit_on_ruled_paper_beside_the_table_is_found(font_model):
     assert mnist_jax.predict_digit(page.astype(np.uint8), mnist_jax.load_params(font_model)) == 3
 
 
+def test_the_margin_line_of_ruled_paper_is_taken_out_and_a_1_filling_the_frame_is_not(font_model):
+    # A lone line down the page was left (printed lines come in threes), and a digit beside it was read
+    # together with it, or the line was taken for the digit. Only with printed lines across is it a margin.
+    page = notebook_page().astype(np.float32)
+    page[:, 150:153] = (215, 120, 120)  # a red margin line
+    ink = np.asarray(Image.fromarray(render(6, 40, seed=2)).resize((150, 150), Image.BICUBIC)) / 255
+    page[200:350, 175:325] *= (1 - 0.85 * ink)[:, :, None]  # a 6 written just right of the margin
+    digit, steps = mnist_jax.preprocess(page.astype(np.uint8), steps=True)
+    margin = round(151 * steps["lines removed"].shape[1] / page.shape[1])  # (the photo was made smaller)
+    near = (slice(None), slice(margin - 4, margin + 5))
+    assert np.percentile(steps["lines removed"][near], 90) < 0.3 * np.percentile(steps["frame's edge dropped"][near], 90)
+    assert mnist_jax.predict_digit(page.astype(np.uint8), mnist_jax.load_params(font_model)) == 6
+    one = np.full((120, 60), 230, np.uint8)  # a 1 from top to bottom of a tight crop, on plain paper
+    one[2:-2, 28:33] = 30
+    assert mnist_jax.preprocess(one).max() > 0.5
+
+
 def test_paper_grain_is_not_taken_for_printed_lines():
     # In a grainy photo every row of paper has some contrast; a printed line is a row above the typical one.
     # (This found "lines" in 17 of these 20 photos, and turned the digit by the angle it made up.)
