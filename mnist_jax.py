@@ -1689,10 +1689,27 @@ def ink_parts(mask: np.ndarray, contrast: np.ndarray) -> list[dict]:
         long_cut.update(np.nonzero(cut_here >= 0.1 * len(band))[0] + 1)
     if len(long_cut) < len(parts):
         parts = [p for p in parts if p["label"] not in long_cut]
+    frames = [p for p in parts if _a_frame(p, parts, labels)]
+    if len(frames) < len(parts):
+        parts = [p for p in parts if p not in frames]
     biggest = max(p["area"] for p in parts)
     side = max(max(p["box"][2] - p["box"][0], p["box"][3] - p["box"][1]) for p in parts)
     return [p for p in parts if p["area"] >= max(3, 0.03 * biggest) and
             max(p["box"][2] - p["box"][0], p["box"][3] - p["box"][1]) >= 0.1 * side]
+
+
+def _a_frame(part: dict, parts: list[dict], labels: np.ndarray) -> bool:
+    """Is this piece a closed outline with ink inside it (the edge of a sticky note, a box drawn around the
+    digit)? Inside: another piece, of at least a tenth of its pixels, all within its filled outline. A 0, a 6,
+    an 8 or a 9 has only specks in its loops, if anything."""
+    top, left, bottom, right = part["box"]
+    inner = [q for q in parts if q is not part and q["area"] >= 0.1 * part["area"] and
+             top < q["box"][0] and left < q["box"][1] and q["box"][2] < bottom and q["box"][3] < right]
+    if not inner:
+        return False
+    window = labels[top:bottom, left:right]
+    filled = ndimage.binary_fill_holes(window == part["label"])
+    return any(filled[window == q["label"]].all() for q in inner)
 
 
 # --- 5. keep the digit: the main group of strokes ----------------------------------------------------
@@ -1832,6 +1849,9 @@ def group_digits(parts: list[dict]) -> list[list[dict]]:
     tall = [p for p in parts if p["box"][2] - p["box"][0] >= 0.5 * height]
     middle = _ink_median(tall, [(p["box"][0] + p["box"][2]) / 2 for p in tall])
     parts = [p for p in parts if p["box"][0] - height < middle < p["box"][2] + height]
+    # A piece whose box holds the middles of two or more other pieces is drawn around them (the edge of a
+    # sticky note or of the page, even where not closed), not a digit: a 0 holds a scrap at most.
+    parts = [p for p in parts if sum(_holds(p["box"], q["box"]) for q in parts if q is not p) < 2] or parts
     groups = []
     for p in sorted(parts, key=lambda p: p["box"][1]):
         if groups:
@@ -1844,6 +1864,12 @@ def group_digits(parts: list[dict]) -> list[list[dict]]:
     heights = [_height(g) for g in groups]
     typical = np.median(heights)
     return [g for g, h in zip(groups, heights) if 0.5 * typical <= h <= 3 * typical]
+
+
+def _holds(box, other) -> bool:
+    """Is the middle of box `other` inside `box`? (Both (top, left, bottom, right).)"""
+    row, col = (other[0] + other[2]) / 2, (other[1] + other[3]) / 2
+    return box[0] < row < box[2] and box[1] < col < box[3]
 
 
 def _ink_median(parts: list[dict], values: list[float]) -> float:

@@ -529,6 +529,17 @@ def test_read_number_reads_a_row_and_a_single_digit(font_model, tmp_path):
     margin = np.pad(row_of("2026"), ((60, 60), (0, 60)), constant_values=230)
     margin[:, -40:-38] = 60  # a margin line down the whole page, beside the number
     assert mnist_jax.read_number(margin, model) == "2026"  # it was read as a fifth digit
+    note = np.pad(row_of("2026"), 30, constant_values=230)  # the edge of a sticky note around the number,
+    note[8:-8, [8, 9, -10, -9]] = 90  # open along its bottom (it was read as one more digit, or a 1 and a 0)
+    note[[8, 9], 8:-8] = 90
+    assert mnist_jax.read_number(note, model) == "2026"
+    note[[-10, -9], 8:-8] = 90  # and closed
+    assert mnist_jax.read_number(note, model) == "2026"
+    one = np.pad(paper_photo(render(5, seed=3)), 30, constant_values=230)  # one digit on a sticky note
+    one[8:-8, [8, 9, -10, -9]] = 90
+    one[[8, 9, -10, -9], 8:-8] = 90
+    _, steps = mnist_jax.preprocess(one, steps=True)
+    assert max(steps["digit"].shape) < 60 and mnist_jax.predict_digit(one, model) == 5  # not the note's edge (104)
     Image.fromarray(row_of("314")).save(tmp_path / "row.png")
     assert mnist_jax.main(["predict", str(tmp_path / "row.png"), "--number", "--params", str(font_model), "--show",
                            "--show-dir", str(tmp_path / "shown")]) == 0
