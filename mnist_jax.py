@@ -1483,15 +1483,16 @@ def paper_window(contrast: np.ndarray) -> int:
 # --- 3. the ruled and squared lines of the paper ------------------------------------------------------
 def _straighten(image: np.ndarray, angle: float, fan: float = 0.0) -> tuple[np.ndarray, tuple]:
     """Rows of `image` taken along straight lines: row r of the result follows the line that crosses the
-    middle column at height r - pad, turned by `angle` degrees, plus `fan` degrees times its height as a
-    fraction of the image's (NaN where the line is outside it). Seen at a slant, a page's parallel lines
+    middle column at height r - pad, turned by `angle` degrees plus `fan` degrees times its height's
+    distance from the middle row, as a fraction of the image's height: from angle - fan/2 at the top to
+    angle + fan/2 at the bottom (NaN where the line is outside the image). Seen at a slant, a page's parallel lines
     meet far away, so their angle changes steadily down the page: the fan. Also the (rows, columns) it
     was read at, in the photo padded with NaN rows above and below."""
     h, w = image.shape
     pad = int(np.ceil(w / 2 * np.tan(np.radians(LINE_ANGLE + LINE_FAN / 2)))) + 1
     padded = np.pad(image, ((pad, pad), (0, 0)), constant_values=np.nan)
     row = np.arange(h + 2 * pad)[:, None]
-    slope = np.tan(np.radians(angle + fan * ((row - pad) / h - 0.5) if fan else angle))  # (one for all rows: faster)
+    slope = np.tan(np.radians(angle + fan * ((row - pad) / h - 0.5) if fan else angle))  # (no fan: one slope for all)
     rows = row + np.rint((np.arange(w) - w / 2) * slope).astype(int)
     where = (np.clip(rows, 0, h + 2 * pad - 1), np.arange(w))
     return padded[where], where
@@ -1524,15 +1525,17 @@ def _line_direction(image: np.ndarray) -> tuple[float, float]:
     def best_fan(image, angle, fans):
         return max(fans, key=lambda fan: score(image, angle, fan))
 
-    def best_angle(image, around=0.0, half=16, step=0.1):
+    def best_angle(image, around=0.0, half=6, step=0.1):
         angle = best(image, _nearest_first(round(around), half, 1.0))
         return best(image, _nearest_first(angle, 0.6, step))
 
     small = image[::2, ::2]
-    angle = best_angle(small)
+    angle = best_angle(small, half=LINE_ANGLE)
     third = len(small) // 3  # the angles of the top and bottom thirds, at rows h/6 and 5h/6
+    if third < 2:
+        return angle, 0.0  # (a photo a few pixels tall has no thirds to compare)
     top, bottom = (best_angle(band, angle, half=6, step=0.2) for band in (small[:third], small[-third:]))
-    fan = float(np.clip(1.5 * (bottom - top), -LINE_FAN, LINE_FAN))
+    fan = float(np.clip(1.5 * (bottom - top), -LINE_FAN, LINE_FAN))  # (the thirds' middles are 2/3 h apart)
     if abs(fan) < 0.5 or score(small, (top + bottom) / 2, fan) <= score(small, angle):
         return angle, 0.0
     angle = (top + bottom) / 2
@@ -1554,7 +1557,7 @@ def remove_lines(contrast: np.ndarray) -> tuple[np.ndarray, float | None]:
 
     A printed line is long, straight and the same all along; a digit is none of these. Adding up the
     contrast along straight lines at each angle the page may be turned by (and fanned out by, if the
-    page was seen at a slant), printed lines make a few sums stand out when the angle is right. Then,
+    page was seen at a slant), printed lines make a few lines' means stand out when the angle is right. Then,
     along each line at that angle, the contrast that nearly all of the line has (a low percentile, so a
     digit crossing it does not count), above that of a typical row of paper, is the printed line's, and
     is subtracted: a stroke lying on a printed line keeps its own contrast. NaN pixels (not the page:
@@ -1571,18 +1574,25 @@ def remove_lines(contrast: np.ndarray) -> tuple[np.ndarray, float | None]:
         inside = np.isfinite(straight).sum(axis=1)
         # A line's level, not a stroke's: the 15th percentile of each row's pixels inside the photo (a
         # sort puts the NaNs outside it last; np.nanpercentile along rows is ten times slower).
-        line = np.sort(straight, axis=1)[np.arange(len(straight)), np.maximum(inside - 1, 0) * 15 // 100]
+        ranked = np.sort(straight, axis=1)
+        line = ranked[np.arange(len(straight)), np.maximum(inside - 1, 0) * 15 // 100]
+        whole = ranked[np.arange(len(straight)), np.maximum(inside - 1, 0) * 2 // 100]  # all but 2% of it
         on_page = inside >= 0.5 * image.shape[1]
         if on_page.any():  # above the typical row's level: in a grainy photo every row of paper has one
-            line = line - np.median(line[on_page])
+            typical = np.median(line[on_page])
+            line, whole = line - typical, whole - typical
         line[(line < 0.03) | ~on_page] = 0
-        found.append((across, angle, line, where, ndimage.label(line)[1]))
+        found.append(dict(across=across, angle=angle, line=line, where=where, count=ndimage.label(line)[1],
+                          whole=whole[on_page].max(initial=0)))
     page_angle = None
     printed = np.zeros(contrast.shape)  # the printed lines' contrast
-    for across, angle, line, where, count in found:
+    for this, other in zip(found, found[::-1]):
+        across, angle, line, where = this["across"], this["angle"], this["line"], this["where"]
         # Printed lines come in numbers: fewer than 3 are no lines (a 1 filling the frame is not one), unless
-        # the other way has printed lines and this one stands out clearly: the margin line of ruled paper.
-        if count < 3 and not (found[across][-1] >= 3 and line.max() >= MARGIN_LINE):
+        # the other way has printed lines and this one stands out clearly along all of its length, from
+        # edge to edge of the photo: the margin line of ruled paper, not a pen's 1 written as tall as the photo.
+        margin = other["count"] >= 3 and this["whole"] >= MARGIN_LINE
+        if this["count"] < 3 and not margin:
             continue
         image = contrast if across else contrast.T
         lines_here = np.zeros((len(line), image.shape[1]))  # back from rows to the photo
@@ -1695,27 +1705,30 @@ def ink_parts(mask: np.ndarray, contrast: np.ndarray) -> list[dict]:
         long_cut.update(np.nonzero(cut_here >= 0.1 * len(band))[0] + 1)
     if len(long_cut) < len(parts):
         parts = [p for p in parts if p["label"] not in long_cut]
-    frames = [p for p in parts if _a_frame(p, parts, labels)]
-    if len(frames) < len(parts):
-        parts = [p for p in parts if p not in frames]
+    boxes, areas = np.array([p["box"] for p in parts]), np.array([p["area"] for p in parts])
+    biggest_ten = sorted(parts, key=lambda p: p["area"])[-10:]  # (a note's edge is among them: time stays bounded)
+    outlines = {p["label"] for p in biggest_ten if _outline_around_ink(p, parts, boxes, areas, labels)}
+    if len(outlines) < len(parts):
+        parts = [p for p in parts if p["label"] not in outlines]
     biggest = max(p["area"] for p in parts)
     side = max(max(p["box"][2] - p["box"][0], p["box"][3] - p["box"][1]) for p in parts)
     return [p for p in parts if p["area"] >= max(3, 0.03 * biggest) and
             max(p["box"][2] - p["box"][0], p["box"][3] - p["box"][1]) >= 0.1 * side]
 
 
-def _a_frame(part: dict, parts: list[dict], labels: np.ndarray) -> bool:
+def _outline_around_ink(part: dict, parts: list[dict], boxes: np.ndarray, areas: np.ndarray,
+                        labels: np.ndarray) -> bool:
     """Is this piece a closed outline with ink inside it (the edge of a sticky note, a box drawn around the
     digit)? Inside: another piece, of at least a tenth of its pixels, all within its filled outline. A 0, a 6,
-    an 8 or a 9 has only specks in its loops, if anything."""
+    an 8 or a 9 has only specks in its loops, if anything. (`boxes` and `areas`: those of `parts`.)"""
     top, left, bottom, right = part["box"]
-    inner = [q for q in parts if q is not part and q["area"] >= 0.1 * part["area"] and
-             top < q["box"][0] and left < q["box"][1] and q["box"][2] < bottom and q["box"][3] < right]
-    if not inner:
+    inside = np.nonzero((boxes[:, 0] > top) & (boxes[:, 1] > left) & (boxes[:, 2] < bottom) & (boxes[:, 3] < right)
+                        & (areas >= 0.1 * part["area"]))[0]
+    if not inside.size:
         return False
     window = labels[top:bottom, left:right]
     filled = ndimage.binary_fill_holes(window == part["label"])
-    return any(filled[window == q["label"]].all() for q in inner)
+    return any(filled[window == parts[i]["label"]].all() for i in inside[:10])
 
 
 # --- 5. keep the digit: the main group of strokes ----------------------------------------------------
@@ -1807,7 +1820,8 @@ def find_page(image, stages: dict) -> tuple[np.ndarray, float | None]:
 
 
 def find_parts(image, contrast: np.ndarray, stages: dict, row: bool = False) -> list[dict]:
-    """Step 4: the pieces of ink in the contrast (`image` only names the photo in the error).
+    """Step 4: the pieces of ink in the contrast (`image` only names the photo in the error). A row's
+    ink is found without `find_ink`'s `faint` level: there, faint ink joined neighbouring digits.
     Raises ImageError if there are none."""
     mask = find_ink(contrast, faint=not row)
     stages["ink"] = mask.astype(np.float32)

@@ -326,6 +326,20 @@ def test_the_margin_line_of_ruled_paper_is_taken_out_and_a_1_filling_the_frame_i
     one = np.full((120, 60), 230, np.uint8)  # a 1 from top to bottom of a tight crop, on plain paper
     one[2:-2, 28:33] = 30
     assert mnist_jax.preprocess(one).max() > 0.5
+    ruled = notebook_page(160, 90, spacing=12).mean(axis=2).astype(np.uint8)  # and on ruled paper: a pen's
+    ruled[8:-8, 42:47] = 30  # 1 is far darker than the printed lines, so it is not their margin
+    assert mnist_jax.preprocess(ruled).max() > 0.5
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 2), (4, 4), (2, 50), (50, 2), (1, 300)])
+def test_a_photo_a_few_pixels_across_is_refused_or_read_never_a_crash(shape):
+    # The search for a slanted page's lines compares the top and bottom thirds: a photo 2 px tall has none.
+    photo = np.full(shape, 200, np.uint8)
+    photo[shape[0] // 2, shape[1] // 2] = 20
+    try:
+        assert mnist_jax.preprocess(photo).shape == (28, 28)
+    except mnist_jax.ImageError:
+        pass
 
 
 def test_paper_grain_is_not_taken_for_printed_lines():
