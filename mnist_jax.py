@@ -1502,7 +1502,7 @@ def _line_direction(image: np.ndarray) -> tuple[float, float]:
     """The angle and fan (see `_straighten`) at which the mean contrast along straight lines varies
     most: those of printed lines, if any. (Each line's mean counts as many times as it has pixels, so
     that a short line across a corner does not count as much as a long one, and a band of paper of even
-    contrast scores 0 at every angle; sums instead of means favoured angles that keep every line long.)
+    contrast scores about 0 at every angle; sums instead of means favoured angles that keep every line long.)
 
     The angle is found in whole degrees, then in tenths around the best (a line must be followed to
     within a pixel across the photo). The fan comes from the lines' angles in the top and bottom thirds
