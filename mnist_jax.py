@@ -1382,15 +1382,17 @@ LINE_FAN = 16  # and seen at a slant: its lines' angles may differ this much, to
 def shrink(grey: np.ndarray, side: int = WORK_SIDE) -> np.ndarray:
     """The photo with its shorter side brought down to about `side` px, each new pixel the mean of the
     block it covers: everything after this costs time in proportion to the pixels, and a thin pen line
-    gets fainter but does not vanish (`find_ink` judges ink against the strongest ink, not a fixed level)."""
+    gets fainter but does not vanish (`find_ink` judges ink against the strongest ink, not a fixed level).
+    The longer side is also brought down to at most 8 x `side`: the search for ruled lines costs memory in
+    proportion to the longer side squared (a 20000 px strip ran out of memory)."""
     h, w = grey.shape
-    if min(h, w) <= 1.5 * side:
+    if min(h, w) <= 1.5 * side and max(h, w) <= 8 * side:
         return grey
+    scale = min(side / min(h, w), 8 * side / max(h, w))
     # Widen the strokes by half the shrink factor first (dark ones on light paper, light ones on a dark
     # board), so that a line drawn with a 1-pixel pen keeps half its contrast instead of a sixth.
     widen = ndimage.minimum_filter if np.median(grey) > 0.5 else ndimage.maximum_filter
-    grey = widen(grey, size=int(min(h, w) / side / 2) + 1)
-    scale = side / min(h, w)
+    grey = widen(grey, size=int(1 / scale / 2) + 1)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     return np.asarray(Image.fromarray(grey).resize(size, Image.BOX), np.float32)
 

@@ -331,6 +331,17 @@ def test_the_margin_line_of_ruled_paper_is_taken_out_and_a_1_filling_the_frame_i
     assert mnist_jax.preprocess(ruled).max() > 0.5
 
 
+def test_a_long_thin_strip_is_made_small_along_its_length_too():
+    # The search for ruled lines needs memory in proportion to the longer side squared: an 8x20000 strip,
+    # left as it was (its shorter side is small), took 4 GB and then ran out of memory.
+    assert mnist_jax.shrink(np.full((8, 20000), 0.9, np.float32)).shape == (1, 2560)
+    assert mnist_jax.shrink(np.full((300, 400), 0.9, np.float32)).shape == (300, 400)  # a photo is left alone
+    try:
+        mnist_jax.preprocess(np.full((40, 20000), 200, np.uint8))
+    except mnist_jax.ImageError:
+        pass
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (2, 2), (4, 4), (2, 50), (50, 2), (1, 300)])
 def test_a_photo_a_few_pixels_across_is_refused_or_read_never_a_crash(shape):
     # The search for a slanted page's lines compares the top and bottom thirds: a photo 2 px tall has none.
