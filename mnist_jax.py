@@ -1521,15 +1521,12 @@ def _line_direction(image: np.ndarray) -> tuple[float, float]:
             sums, counts = np.bincount(row, np.nan_to_num(image).ravel()), np.bincount(row, np.isfinite(image).ravel())
         return np.sum(sums[counts > 0] ** 2 / counts[counts > 0]) - sums.sum() ** 2 / max(1, counts.sum())
 
-    def best(image, angles, fan=0.0):
-        return max(angles, key=lambda angle: score(image, angle, fan))
-
-    def best_fan(image, angle, fans):
-        return max(fans, key=lambda fan: score(image, angle, fan))
+    def best(image, angles, fans=(0.0,)):  # the (angle, fan) of the highest score
+        return max(((a, f) for a in angles for f in fans), key=lambda pair: score(image, *pair))
 
     def best_angle(image, around=0.0, half=6, step=0.1):
-        angle = best(image, _nearest_first(round(around), half, 1.0))
-        return best(image, _nearest_first(angle, 0.6, step))
+        angle, _ = best(image, _nearest_first(round(around), half, 1.0))
+        return best(image, _nearest_first(angle, 0.6, step))[0]
 
     small = image[::2, ::2]
     angle = best_angle(small, half=LINE_ANGLE)
@@ -1540,10 +1537,9 @@ def _line_direction(image: np.ndarray) -> tuple[float, float]:
     fan = float(np.clip(1.5 * (bottom - top), -LINE_FAN, LINE_FAN))  # (the thirds' middles are 2/3 h apart)
     if abs(fan) < 0.5 or score(small, (top + bottom) / 2, fan) <= score(small, angle):
         return angle, 0.0
-    angle = (top + bottom) / 2
-    fan = best_fan(small, angle, _nearest_first(fan, 2, 0.25))
-    angle = best(small, _nearest_first(angle, 0.3, 0.1), fan)
-    return angle, best_fan(small, angle, _nearest_first(fan, 0.2, 0.1))
+    angle, fan = best(small, [(top + bottom) / 2], _nearest_first(fan, 2, 0.25))
+    angle, fan = best(small, _nearest_first(angle, 0.3, 0.1), [fan])
+    return best(small, [angle], _nearest_first(fan, 0.2, 0.1))
 
 
 def _nearest_first(centre: float, half: float, step: float) -> np.ndarray:
@@ -1584,19 +1580,18 @@ def remove_lines(contrast: np.ndarray) -> tuple[np.ndarray, float | None]:
             typical = np.median(line[on_page])
             line, whole = line - typical, whole - typical
         line[(line < 0.03) | ~on_page] = 0
-        found.append(dict(across=across, angle=angle, line=line, where=where, count=ndimage.label(line)[1],
-                          whole=whole[on_page].max(initial=0)))
+        found.append(dict(across=across, image=image, angle=angle, line=line, where=where,
+                          count=ndimage.label(line)[1], whole=whole[on_page].max(initial=0)))
     page_angle = None
     printed = np.zeros(contrast.shape)  # the printed lines' contrast
     for this, other in zip(found, found[::-1]):
-        across, angle, line, where = this["across"], this["angle"], this["line"], this["where"]
+        across, image, angle, line, where = (this[k] for k in ("across", "image", "angle", "line", "where"))
         # Printed lines come in numbers: fewer than 3 are no lines (a 1 filling the frame is not one), unless
         # the other way has printed lines and this one stands out clearly along all of its length, from
         # edge to edge of the photo: the margin line of ruled paper, not a pen's 1 written as tall as the photo.
         margin = other["count"] >= 3 and this["whole"] >= MARGIN_LINE
         if this["count"] < 3 and not margin:
             continue
-        image = contrast if across else contrast.T
         lines_here = np.zeros((len(line), image.shape[1]))  # back from rows to the photo
         np.maximum.at(lines_here, where, LINE_MARGIN * line[:, None])
         pad = (len(line) - image.shape[0]) // 2
