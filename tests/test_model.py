@@ -392,3 +392,20 @@ def test_progress_line_updates_within_a_long_epoch_only(monkeypatch):
     quiet.started -= 6
     quiet(20, 100)
     assert log.text == ""
+
+
+def test_max_pool_sends_each_blocks_gradient_to_one_input():
+    """Each 2x2 block's gradient goes to its largest input; on a tie, to the first in reading order."""
+    blocks = [[1, 5, 2, 3], [7, 7, 7, 7], [0, 2, 2, 1], [4, 1, 9, 9], [-3, -2, -1, -1], [0, 0, 0, 6]]
+    x = np.zeros((1, 2, 2 * len(blocks), 1), np.float32)
+    for i, (a, b, c, d) in enumerate(blocks):
+        x[0, :, 2 * i:2 * i + 2, 0] = [[a, b], [c, d]]
+    y, winners = mnist_jax.pool_winners(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(y)[0, 0, :, 0], [5, 7, 2, 9, -1, 6])
+    winner = np.asarray(winners)[0, 0, :, :, :, 0].transpose(1, 0, 2).reshape(len(blocks), 4)  # (block, a b c d)
+    np.testing.assert_array_equal(winner.argmax(1), [1, 0, 1, 2, 2, 3])
+    assert (winner.sum(1) == 1).all()
+    pool = mnist_jax.MaxPool()
+    dx = jax.grad(lambda x: pool.forward({}, x, mnist_jax.Ctx())[0].sum())(jnp.asarray(x))  # jax.grad's way
+    np.testing.assert_array_equal(np.asarray(dx)[0, :, :, 0].reshape(2, -1, 2).transpose(1, 0, 2).reshape(-1, 4),
+                                  winner)
