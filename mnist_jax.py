@@ -3247,8 +3247,10 @@ def main(argv: list[str] | None = None) -> int:
 #   argument): a term that is 0 is not computed at all.
 # - CPU_COMPILER_OPTIONS lets XLA:CPU update weights in place without first
 #   copying every weight matrix the backward pass still reads.
-# - A convolution is patches x one matrix multiply (`patches`), far faster on a
-#   CPU than lax.conv_general_dilated here.
+# - A convolution is patches x one 2-D matrix multiply (`patches`), far faster on
+#   a CPU than lax.conv_general_dilated here (whose kernel gradient took longer
+#   than a whole step). The max-pool's winner is found by comparisons the compiler
+#   can fuse, not by a running count.
 # README.md, "Speed", has the measurements.
 
 if __name__ == "__main__":
