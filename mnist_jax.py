@@ -1387,6 +1387,7 @@ LINE_MARGIN = 2.0  # a printed line varies along its length: take out twice its 
 MARGIN_LINE = 0.06  # a lone printed line (a margin) must stand this far above the paper (contrast, 0-1)
 LINE_ANGLE = 16  # the page may be turned up to this much (degrees) either way in the photo
 LINE_FAN = 16  # and seen at a slant: its lines' angles may differ this much, top to bottom
+ON_THE_TABLE = 0.35  # a row's digit whose box is at most this bright (brightest tenth, vs the others') is the table
 
 
 # --- 1. load, and make a big photo small first --------------------------------------------------------
@@ -1894,6 +1895,22 @@ def group_digits(parts: list[dict]) -> list[list[dict]]:
     return [g for g, h in zip(groups, heights) if 0.5 * typical <= h <= 3 * typical]
 
 
+def on_the_page(groups: list[list[dict]], grey: np.ndarray) -> list[list[dict]]:
+    """The groups of a row that lie on the page, not on the dark table beyond its edge.
+
+    Every digit's box has something bright in it: the paper around dark ink, or light ink itself. So the
+    brightest tenth of each box (in the photo's grey) is compared with the row's typical one; a box much
+    darker than that, under ON_THE_TABLE of it, holds only the table's grain. (A table that the frame cuts
+    is dropped earlier, in `ink_parts`; this is for a table seen through a gap, or its corner.)
+    A shadow or a gradient darkens a digit's paper too, but less: the issue's photos keep 0.4 of the light."""
+    if len(groups) < 2:
+        return groups
+    brightest = [float(np.percentile(grey[top:bottom, left:right], 90))
+                 for top, left, bottom, right in (_union([p["box"] for p in g]) for g in groups)]
+    typical = float(np.median(brightest))
+    return [g for g, b in zip(groups, brightest) if b >= ON_THE_TABLE * typical] or groups
+
+
 def _holds(box, other) -> bool:
     """Is the middle of box `other` inside `box`? (Both (top, left, bottom, right).)"""
     row, col = (other[0] + other[2]) / 2, (other[1] + other[3]) / 2
@@ -1937,7 +1954,7 @@ def digits_in_a_row(parts: list[dict], contrast: np.ndarray, angle: float | None
     """Steps 5-6 for a row: the pieces grouped into digits left to right, each cut out and fitted to 28x28.
     Returns ([28x28 arrays], [boxes (top, left, bottom, right) in the shrunk photo's pixels])."""
     digits, boxes = [], []
-    groups = group_digits(parts)
+    groups = on_the_page(group_digits(parts), stages["grey, small"])
     height = np.median([_height(g) for g in groups])
     for group in groups:
         ink = cut_out(group, contrast, angle)
