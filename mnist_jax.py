@@ -1387,7 +1387,7 @@ LINE_MARGIN = 2.0  # a printed line varies along its length: take out twice its 
 MARGIN_LINE = 0.06  # a lone printed line (a margin) must stand this far above the paper (contrast, 0-1)
 LINE_ANGLE = 16  # the page may be turned up to this much (degrees) either way in the photo
 LINE_FAN = 16  # and seen at a slant: its lines' angles may differ this much, top to bottom
-ON_THE_TABLE = 0.35  # a row's digit whose box is at most this bright (brightest tenth, vs the others') is the table
+ON_THE_TABLE = 0.35  # a digit's box whose brightest tenth is under this share of the paper's is on the table
 
 
 # --- 1. load, and make a big photo small first --------------------------------------------------------
@@ -1843,6 +1843,8 @@ def find_parts(image, contrast: np.ndarray, stages: dict, row: bool = False) -> 
 
 def one_digit(parts: list[dict], contrast: np.ndarray, angle: float | None, stages: dict) -> np.ndarray:
     """Steps 5-6 for one digit: keep the main group of strokes, cut it out, strokes like MNIST's, 28x28."""
+    grey = stages["grey, small"]
+    parts = [g[0] for g in on_the_page([[p] for p in parts], grey, float(np.percentile(grey, 90)))]
     ink = cut_out(keep_digit(parts), contrast, angle)
     stages["digit"] = ink
     ink = normalise_strokes(ink)
@@ -1895,19 +1897,22 @@ def group_digits(parts: list[dict]) -> list[list[dict]]:
     return [g for g, h in zip(groups, heights) if 0.5 * typical <= h <= 3 * typical]
 
 
-def on_the_page(groups: list[list[dict]], grey: np.ndarray) -> list[list[dict]]:
-    """The groups of a row that lie on the page, not on the dark table beyond its edge.
+def on_the_page(groups: list[list[dict]], grey: np.ndarray, typical: float | None = None) -> list[list[dict]]:
+    """The groups of pieces that lie on the page, not on the dark table beyond its edge.
 
     Every digit's box has something bright in it: the paper around dark ink, or light ink itself. So the
-    brightest tenth of each box (in the photo's grey) is compared with the row's typical one; a box much
-    darker than that, under ON_THE_TABLE of it, holds only the table's grain. (A table that the frame cuts
-    is dropped earlier, in `ink_parts`; this is for a table seen through a gap, or its corner.)
-    A shadow or a gradient darkens a digit's paper too, but less: the issue's photos keep 0.4 of the light."""
-    if len(groups) < 2:
-        return groups
+    brightest tenth of each box (in the photo's grey) is compared with `typical`, the brightness a digit's
+    box should reach: a box under ON_THE_TABLE of it holds only the table's grain. For a row, `typical` is
+    the groups' median; for one digit, the photo's own brightest tenth (mostly paper). A shadow or a
+    gradient darkens a digit's paper too, but less: the issue's photos keep 0.4 of the light. (A table
+    that the frame cuts is dropped earlier, in `ink_parts`; this is for a table seen through a gap, or
+    its corner.)"""
     brightest = [float(np.percentile(grey[top:bottom, left:right], 90))
                  for top, left, bottom, right in (_union([p["box"] for p in g]) for g in groups)]
-    typical = float(np.median(brightest))
+    if typical is None:
+        if len(groups) < 2:
+            return groups
+        typical = float(np.median(brightest))
     return [g for g, b in zip(groups, brightest) if b >= ON_THE_TABLE * typical] or groups
 
 

@@ -546,6 +546,18 @@ def test_a_row_beside_the_dark_table_has_no_digit_on_the_table():
             assert len(digits) == len(label), (index, label, len(digits))
 
 
+def test_a_digit_near_the_dark_table_is_not_the_tables_grain():
+    """Phone-style photo 68 of seed 3 (a faint pencil 5 near the page's edge, with the table beyond it):
+    the table's grain past the edge had more ink than the faint digit and was cut out as the digit (a
+    square of grain). Its box is far darker than the paper, so it is left out, and the 5 is cut out."""
+    import itertools
+    import phone_photos
+    data, label, notes = next(itertools.islice(phone_photos._photos(69, 3, row=False), 68, None))
+    _, steps = mnist_jax.preprocess(Image.open(io.BytesIO(data)), steps=True)
+    height, width = steps["digit"].shape
+    assert label == 5 and "table" in notes and height > 1.4 * width, (height, width)
+
+
 def row_of(digits: str) -> np.ndarray:
     """Digits drawn side by side on paper, as a number is written."""
     parts = [render(int(d), 40, canvas=(40, 60), at=(4, 6), seed=i) for i, d in enumerate(digits)]
