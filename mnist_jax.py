@@ -1907,12 +1907,11 @@ def on_the_page(groups: list[list[dict]], grey: np.ndarray, typical: float | Non
     gradient darkens a digit's paper too, but less: the issue's photos keep 0.4 of the light. (A table
     that the frame cuts is dropped earlier, in `ink_parts`; this is for a table seen through a gap, or
     its corner.)"""
+    if typical is None and len(groups) < 2:
+        return groups  # a row of one: nothing to compare it with
     brightest = [float(np.percentile(grey[top:bottom, left:right], 90))
                  for top, left, bottom, right in (_union([p["box"] for p in g]) for g in groups)]
-    if typical is None:
-        if len(groups) < 2:
-            return groups
-        typical = float(np.median(brightest))
+    typical = float(np.median(brightest)) if typical is None else typical
     return [g for g, b in zip(groups, brightest) if b >= ON_THE_TABLE * typical] or groups
 
 
