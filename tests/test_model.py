@@ -55,6 +55,26 @@ def test_manual_gradients_match_jax_grad(name):
         np.testing.assert_allclose(np.asarray(m) / scale, np.asarray(a) / scale, atol=1e-5)
 
 
+@pytest.mark.parametrize("by_hand", [False, True])
+def test_gradients_in_parts_equal_the_whole_batch(by_hand):
+    """A CNN's step taken 32 images at a time (Hyper.part) has the whole batch's loss and gradient."""
+    model = perturbed(mnist_jax.init_params(jax.random.key(1), Config(model="cnn-small", dropout=0.0).net()))
+    images, labels = random_batch(96)
+    whole_loss, (whole_log_probs, _), whole = mnist_jax.gradients(model, images, labels, jax.random.key(3), by_hand)
+    loss, (log_probs, _), parts = mnist_jax.gradients_in_parts(model, images, labels, jax.random.key(3), by_hand, 32)
+    np.testing.assert_allclose(loss, whole_loss, rtol=1e-6)
+    np.testing.assert_allclose(log_probs, whole_log_probs, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(parts), jax.tree.leaves(whole), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_only_a_cnn_without_batch_norm_is_split():
+    on_cpu = jax.default_backend() == "cpu"
+    assert mnist_jax.step_part("cnn", batchnorm=False) == (mnist_jax.CNN_PART if on_cpu else 0)
+    assert mnist_jax.step_part("cnn", batchnorm=True) == 0  # its statistics are the whole batch's
+    assert mnist_jax.step_part("mlp", batchnorm=False) == 0
+
+
 def test_a_missing_hand_written_gradient_is_caught():
     """The structure check above fails when a backward pass forgets a parameter."""
     dense = mnist_jax.Dense(10)
