@@ -801,6 +801,7 @@ MAX_ROTATION = np.radians(15)   # radians, either way
 MIN_SCALE, MAX_SCALE = 0.85, 1.15  # height and width each, so the aspect ratio changes too
 MAX_SHEAR = 0.2                 # horizontal pixels moved per pixel of height (a slant of ~11 degrees)
 MAX_THICKEN, MAX_THIN = 1.0, 0.4  # weight of the 3x3 dilation (thicker pen) / erosion (thinner pen)
+HOLES, HOLE_RADIUS, HOLE_CHANCE = 2, 1.6, 0.5  # gaps in the strokes: up to 2 discs of 1.6 px, each half the time
 
 
 def _neighbourhood(x, reduce):
@@ -827,6 +828,21 @@ def _bilinear(image, rows, cols):
     """Read `image` (28, 28) at real-valued pixel positions: each value is the
     distance-weighted mix of the 4 pixels around it; positions outside read 0 (background)."""
     return jax.scipy.ndimage.map_coordinates(image, [rows, cols], order=1, mode="constant", cval=0.0)
+
+
+def punch_holes(key, x):
+    """Gaps in the strokes: each of HOLES discs (HOLE_RADIUS px, at a random place of the digit's 20x20
+    box) is cut out of the ink with chance HOLE_CHANCE, (B, 28, 28) -> same.
+
+    A photo's thin pen fades, and taking out a ruled line takes a bite out of the digit across it: a
+    network that has seen broken strokes reads a 0 with a gap as a 0 rather than a 6."""
+    where_key, which_key = jax.random.split(key)
+    centres = jax.random.uniform(where_key, (len(x), HOLES, 2), minval=4.0, maxval=24.0)
+    cut = jax.random.uniform(which_key, (len(x), HOLES)) < HOLE_CHANCE
+    rows, cols = jnp.meshgrid(jnp.arange(28.0), jnp.arange(28.0), indexing="ij")
+    distance = jnp.hypot(rows - centres[..., 0, None, None], cols - centres[..., 1, None, None])
+    hole = jnp.clip(HOLE_RADIUS + 0.5 - distance, 0.0, 1.0) * cut[..., None, None]  # anti-aliased edge
+    return x * (1 - hole.max(axis=1))
 
 
 def affine(x, shift, angle, scale, shear):
@@ -856,16 +872,17 @@ def augment_images(key, x):
     """A random variant of each image, (B, 28, 28) floats in [0, 1] -> the same: what --augment trains on.
 
     Each image gets its own small change of the kind that separates one person's handwriting from
-    another's, or a photo from a scan: where the digit sits, its slant, size and shear, and how thick
-    the pen was. Reproducible from the key; pure JAX, so it runs inside the compiled epoch."""
+    another's, or a photo from a scan: where the digit sits, its slant, size and shear, how thick the
+    pen was, and gaps where a stroke faded. Reproducible from the key; pure JAX, so it runs inside the
+    compiled epoch."""
     b = len(x)
-    k_shift, k_angle, k_scale, k_shear, k_thick = jax.random.split(key, 5)
+    k_shift, k_angle, k_scale, k_shear, k_thick, k_holes = jax.random.split(key, 6)
     shift = jax.random.uniform(k_shift, (b, 2), minval=-MAX_SHIFT, maxval=MAX_SHIFT)
     angle = jax.random.uniform(k_angle, (b,), minval=-MAX_ROTATION, maxval=MAX_ROTATION)
     scale = jax.random.uniform(k_scale, (b, 2), minval=MIN_SCALE, maxval=MAX_SCALE)  # (height, width)
     shear = jax.random.uniform(k_shear, (b,), minval=-MAX_SHEAR, maxval=MAX_SHEAR)
     thickness = jax.random.uniform(k_thick, (b,), minval=-MAX_THIN, maxval=MAX_THICKEN)
-    x = change_thickness(x, thickness)  # the pen first, on the sharp original ...
+    x = punch_holes(k_holes, change_thickness(x, thickness))  # the pen first, on the sharp original ...
     x = affine(x, shift, angle, scale, shear)  # ... then the page moves under it
     return jnp.clip(x, 0.0, 1.0)
 
@@ -3029,7 +3046,8 @@ class Config:
                           choices=("linear", "onecycle", "cosine"))
     optimizer: str = _flag("sgd", "sgd (with --momentum) or adam", choices=("sgd", "adam"))
     momentum: float = _flag(0.9, "SGD momentum (0 = plain SGD)", type=_fraction)
-    augment: bool = _flag(False, "randomly shift, turn, scale, shear and thicken each training image")
+    augment: bool = _flag(False, "randomly shift, turn, scale, shear and thicken each training image, "
+                          "and cut small gaps in its strokes")
     grad: str = _flag("auto", "gradients from jax.grad (auto) or from the backward pass written by hand (manual)",
                       choices=("auto", "manual"))
     seed: int = _flag(0, "random seed: the same seed gives the same numbers", type=_seed)

@@ -364,6 +364,17 @@ def test_affine_with_no_change_is_the_identity():
     np.testing.assert_allclose(same, x, atol=1e-5)
 
 
+def test_holes_only_take_ink_away_and_only_some_of_it():
+    x = jnp.zeros((64, 28, 28)).at[:, 4:24, 4:24].set(1.0)  # the whole 20x20 box inked
+    holed = np.asarray(mnist_jax.punch_holes(jax.random.key(0), x))
+    assert (holed <= np.asarray(x)).all() and (holed >= 0).all()
+    lost = (np.asarray(x) - holed).sum(axis=(1, 2))  # ink taken from each image
+    one_hole = np.pi * mnist_jax.HOLE_RADIUS ** 2
+    assert lost.max() <= mnist_jax.HOLES * 1.5 * one_hole  # small discs, at most HOLES of them
+    # Each disc is cut with chance HOLE_CHANCE: some images keep all their ink, most lose some.
+    assert 0 < (lost == 0).sum() < 32 and (lost > 0.5 * one_hole).sum() > 32
+
+
 def test_training_with_augmentation_learns():
     cfg = Config(hidden=(64,), epochs=4, dropout=0.0).resolved()
     run = mnist_jax.train(cfg.net(), pattern_data(), cfg.hyper(), 4, 64, augment=mnist_jax.augment_images,
