@@ -1997,7 +1997,7 @@ def split_wide(ink: np.ndarray, height: float) -> list[np.ndarray]:
     cuts = []
     for k in range(1, count):  # look for the valley near each expected boundary
         lo, hi = int(w * (k - 0.35) / count), int(w * (k + 0.35) / count)
-        cuts.append(lo + int(np.argmin(columns[lo:hi])))
+        cuts.append(lo + int(np.argmin(columns[lo:max(hi, lo + 1)])))  # (a piece 1-2 px tall: a window of 0)
     pieces = [ink[:, a:b] for a, b in zip([0] + cuts, cuts + [w])]
     out = []
     for piece in pieces:
@@ -3326,6 +3326,8 @@ def main(argv: list[str] | None = None) -> int:
 #   a CPU than lax.conv_general_dilated here (whose kernel gradient took longer
 #   than a whole step). The max-pool's winner is found by comparisons the compiler
 #   can fuse, not by a running count.
+# - A CNN's step on a CPU goes through its batch 32 images at a time
+#   (gradients_in_parts): their activations fit in the CPU's caches, 128's do not.
 # README.md, "Speed", has the measurements.
 
 if __name__ == "__main__":

@@ -533,6 +533,13 @@ def test_phone_photo_generator_is_reproducible():
     assert all(3 <= len(label) <= 5 and label.isdigit() for _, label in rows)
 
 
+@pytest.mark.parametrize("shape", [(1, 12), (2, 40), (1, 3)])
+def test_a_long_piece_a_pixel_or_two_tall_is_split_without_a_crash(shape):
+    # Its expected boundaries lie closer together than a pixel: the search window for each cut was empty.
+    pieces = mnist_jax.split_wide(np.ones(shape), height=shape[0])
+    assert sum(p.shape[1] for p in pieces) == shape[1] and all(p.shape[0] == shape[0] for p in pieces)
+
+
 def test_a_row_beside_the_dark_table_has_no_digit_on_the_table():
     """Phone-style rows 14 and 117 of seed 0: past the page's edge, a patch of the table's grain about as
     tall as the digits was boxed as one more digit ("11275" read with 6 digits, "1710" with 6)."""
