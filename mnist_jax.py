@@ -1668,32 +1668,46 @@ def remove_lines(contrast: np.ndarray) -> tuple[np.ndarray, float | None]:
 
 
 # --- 4. find the ink, and keep what may be handwriting ------------------------------------------------
-def _along_the_edge(mask: np.ndarray) -> np.ndarray:
-    """For each pixel of `mask`, how far (as a fraction of the side) its connected piece runs along the
-    frame's edge, within a band of 6% of the frame's size (the very edge may be missing). Only pieces
-    that stay near that side count, reaching at most halfway into the frame: a table, not a big digit."""
+def _along_the_edge(mask: np.ndarray, least: float) -> tuple[np.ndarray, np.ndarray]:
+    """The pieces of `mask` that run along more than `least` of a side of the frame (within a band of 6%
+    of the frame's size: the very edge may be missing), and the part of them that is the table itself.
+
+    Only pieces that stay near their side count, reaching at most halfway into the frame: a table, not a
+    big digit. A digit written near the table joins its piece, but only over a few columns: the table is
+    about as deep all along the side. So the table's part is what lies within the running median (over a
+    quarter of the side) of how far the piece reaches in, column by column.
+    Returns two masks: the whole pieces, and their table parts."""
     labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
     h, w = mask.shape
     depth = max(2, round(0.06 * min(h, w)))
-    along = np.zeros(labels.max() + 1)
+    pieces, table = np.zeros_like(mask), np.zeros_like(mask)
     boxes = [None] + ndimage.find_objects(labels)
     for side, band in enumerate((labels[:depth], labels[-depth:], labels[:, :depth].T, labels[:, -depth:].T)):
         for i in np.unique(band[band > 0]):
             rows, cols = boxes[i]
             reach_in = [rows.stop / h, (h - rows.start) / h, cols.stop / w, (w - cols.start) / w][side]
-            if reach_in > 0.5:
-                continue
             spots = np.nonzero((band == i).any(axis=0))[0]  # where along this side the piece is
-            along[i] = max(along[i], (spots.max() - spots.min() + 1) / band.shape[1])
-    return along[labels]
+            if reach_in > 0.5 or (spots.max() - spots.min() + 1) / band.shape[1] <= least:
+                continue
+            piece = labels[rows, cols] == i
+            pieces[rows, cols] |= piece
+            # The piece and its table part turned so that their side is at the top (views: they share memory).
+            part = np.zeros_like(piece)
+            seen, seen_part = [(a, a[::-1], a.T, a.T[::-1])[side] for a in (piece, part)]
+            reach = np.where(seen.any(axis=0), len(seen) - np.argmax(seen[::-1], axis=0), 0)  # how far in, per column
+            typical = ndimage.median_filter(reach, size=max(3, band.shape[1] // 4), mode="nearest")
+            seen_part |= seen & (np.arange(len(seen))[:, None] < typical)
+            table[rows, cols] |= part
+    return pieces, table
 
 
 def drop_frame_edge(contrast: np.ndarray, wide: np.ndarray | None = None) -> np.ndarray:
     """The contrast without the dark things that run along the frame's edge: the table beyond the page,
     the page's edge, cut by the frame. They are found as the clearly dark pieces (above 40% of the
-    strongest contrast) that run along a third of a side or more, and taken out with a margin for their
-    soft borders. A digit may touch the frame too, so if not even faint ink would be left (a faint pencil
-    digit beside a dark table is left), only what runs along most of a side goes.
+    strongest contrast) that run along a third of a side or more, and their table parts (not a digit
+    written close to the table) are taken out with a margin for their soft borders. A digit may touch
+    the frame too, so if not even faint ink would be left beside the whole pieces (a faint pencil digit
+    beside a dark table is left), only the table part of what runs along most of a side goes.
     They are looked for in `wide` if given: the contrast against the default, wide window, in which the
     table stays one long dark piece (a narrow window flattens most of it into grain, and leaves its
     corner as a short dark sliver that no longer runs along the edge).
@@ -1703,13 +1717,12 @@ def drop_frame_edge(contrast: np.ndarray, wide: np.ndarray | None = None) -> np.
     soft = ndimage.gaussian_filter(look_in, 2)  # a table's grain would break it into bits
     strongest = float(np.percentile(soft, 99.9))
     clear = soft > 0.4 * strongest
-    along = _along_the_edge(clear)
     margin = max(1, round(0.03 * min(contrast.shape)))
-    edge = ndimage.binary_dilation(along > 1 / 3, iterations=margin)
+    pieces, table = _along_the_edge(clear, 1 / 3)
     faint = ndimage.gaussian_filter(look_in, 1) > 0.1 * strongest  # (without the wide blur's halo)
-    if (faint & ~edge).sum() < 0.002 * faint.size:  # not even faint ink would be left
-        edge = ndimage.binary_dilation(along > 0.8, iterations=margin)
-    return np.where(edge, np.nan, contrast)
+    if (faint & ~ndimage.binary_dilation(pieces, iterations=margin)).sum() < 0.002 * faint.size:
+        table = _along_the_edge(clear, 0.8)[1]  # not even faint ink would be left beside the whole pieces
+    return np.where(ndimage.binary_dilation(table, iterations=margin), np.nan, contrast)
 
 
 def find_ink(contrast: np.ndarray, faint: bool = True) -> np.ndarray:
