@@ -540,8 +540,8 @@ def test_a_long_piece_a_pixel_or_two_tall_is_split_without_a_crash(shape):
     assert sum(p.shape[1] for p in pieces) == shape[1] and all(p.shape[0] == shape[0] for p in pieces)
 
 
-def ring(shape, centre, radii):
-    """Contrast (0 paper, 0.8 ink) of an oval ring, a 0 of about 2 px stroke."""
+def oval_contrast(shape, centre, radii):
+    """Contrast (0 paper, 0.8 ink) of an oval ring, a 0 with a stroke a tenth of its width."""
     rows, cols = np.mgrid[:shape[0], :shape[1]]
     r = np.hypot((rows - centre[0]) / radii[0], (cols - centre[1]) / radii[1])
     return np.where((r > 0.8) & (r < 1.0), 0.8, 0.0).astype(np.float32)
@@ -551,10 +551,10 @@ def ring(shape, centre, radii):
 def test_a_digit_written_against_the_table_keeps_its_strokes(others):
     """The table along the bottom is taken out, but not the 0 that touches it (it joined the table's
     piece, and the whole piece went: phone-style row 175 of seed 0, '0460', lost its 0 and its 6)."""
-    contrast = ring((200, 300), (155, 120), (32, 18))
+    contrast = oval_contrast((200, 300), (155, 120), (32, 18))
     contrast[185:] = 0.8  # the dark table beyond the page
     if others:  # more digits of the row, clear of the table
-        contrast = np.maximum(contrast, ring((200, 300), (140, 200), (30, 17)))
+        contrast = np.maximum(contrast, oval_contrast((200, 300), (140, 200), (30, 17)))
     left = mnist_jax.drop_frame_edge(contrast)
     assert np.isnan(left[190:]).all()
     digit = contrast[:170, 90:150] > 0
@@ -562,7 +562,7 @@ def test_a_digit_written_against_the_table_keeps_its_strokes(others):
 
 
 def test_a_big_digit_touching_two_sides_of_a_tight_crop_is_left_whole():
-    contrast = ring((120, 120), (95, 95), (40, 30))  # runs off the bottom and the right side
+    contrast = oval_contrast((120, 120), (95, 95), (40, 30))  # runs off the bottom and the right side
     assert not np.isnan(mnist_jax.drop_frame_edge(contrast)).any()
 
 
