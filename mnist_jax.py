@@ -1437,7 +1437,6 @@ MIN_INK_CONTRAST = 0.1  # the strongest ink must be at least 10% darker than the
 WORK_SIDE = 320  # the photo's shorter side is brought down to about this: a digit of 15% of it is 48 px tall
 MNIST_STROKE = 2.6 / 20  # MNIST's median stroke width, as a fraction of the 20 px box the digit is fitted into
 LINE_MARGIN = 2.0  # a printed line varies along its length: take out twice its typical contrast
-ROW_LEAST = 0.35  # a digit in a row may be this faint beside the row's boldest (lower: scraps of lines came in)
 BRIDGE = 7  # a stroke crossing a printed line is bridged over gaps up to this many px (of WORK_SIDE's 320)
 MARGIN_LINE = 0.06  # a lone printed line (a margin) must stand this far above the paper (contrast, 0-1)
 LINE_ANGLE = 16  # the page may be turned up to this much (degrees) either way in the photo
@@ -1748,9 +1747,7 @@ def find_ink(contrast: np.ndarray, faint: bool = True) -> np.ndarray:
     joined part may be fainter still where the paper is clean: down to three times the photo's 95th
     percentile (mostly paper). A thin pen's stroke fades in places, far below its darkest blot but far
     above clean paper; cut there, the digit lost a stroke. A row is found without `faint`: there, such
-    faint ink (a blur, a smudge) also joined neighbouring digits into one. Instead, in a row the two
-    thresholds follow the strongest ink near each column: a digit written with a thinner or lighter pen
-    than the boldest one in the row is judged against its own ink, down to ROW_LEAST of the boldest.
+    faint ink (a blur, a smudge) also joined neighbouring digits into one.
     """
     noise = 0.04 + 3 * float(np.percentile(contrast, 25))  # most of a photo is paper; a big digit, half
     marked = contrast > noise
@@ -1768,13 +1765,9 @@ def find_ink(contrast: np.ndarray, faint: bool = True) -> np.ndarray:
             strongest = 0.0
     if strongest < MIN_INK_CONTRAST:  # nothing darker than the paper's own grain: no ink at all
         return np.zeros_like(marked)
-    peak, least = strongest, 0.5 * strongest
-    if not faint:  # a row: each digit against the strongest ink near it (a window a quarter of the height wide)
-        near = ndimage.maximum_filter1d(ndimage.gaussian_filter(contrast, 1).max(axis=0), max(3, len(contrast) // 4))
-        peak, least = np.minimum(strongest, near)[None, :], ROW_LEAST * strongest
-    strong = marked & (contrast > np.maximum(max(noise, least), 0.5 * peak))
-    joined = min(0.25 * strongest, 3 * float(np.percentile(contrast, 95))) if faint else 0.25 * peak
-    weak = marked & (contrast > np.maximum(noise, joined))
+    strong = marked & (contrast > max(noise, 0.5 * strongest))
+    joined = min(0.25 * strongest, 3 * float(np.percentile(contrast, 95))) if faint else 0.25 * strongest
+    weak = marked & (contrast > max(noise, joined))
     labels, _ = ndimage.label(weak, structure=np.ones((3, 3)))
     return np.isin(labels, np.unique(labels[strong])) & weak
 
