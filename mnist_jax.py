@@ -1437,6 +1437,7 @@ MIN_INK_CONTRAST = 0.1  # the strongest ink must be at least 10% darker than the
 WORK_SIDE = 320  # the photo's shorter side is brought down to about this: a digit of 15% of it is 48 px tall
 MNIST_STROKE = 2.6 / 20  # MNIST's median stroke width, as a fraction of the 20 px box the digit is fitted into
 LINE_MARGIN = 2.0  # a printed line varies along its length: take out twice its typical contrast
+FAINT_DIGIT = 0.2  # a digit in a row may be this faint beside the row's boldest one (a share of its contrast)
 BRIDGE = 7  # a stroke crossing a printed line is bridged over gaps up to this many px (of WORK_SIDE's 320)
 MARGIN_LINE = 0.06  # a lone printed line (a margin) must stand this far above the paper (contrast, 0-1)
 LINE_ANGLE = 16  # the page may be turned up to this much (degrees) either way in the photo
@@ -1738,7 +1739,7 @@ def drop_frame_edge(contrast: np.ndarray, wide: np.ndarray | None = None) -> np.
     return np.where(ndimage.binary_dilation(table, iterations=margin), np.nan, contrast)
 
 
-def find_ink(contrast: np.ndarray, faint: bool = True) -> np.ndarray:
+def find_ink(contrast: np.ndarray, faint: bool = True, level: float = 0.5) -> np.ndarray:
     """Ink mask: what stands out from the paper, relative to the strongest ink in the photo.
 
     The strongest ink (a high percentile of what is clearly above the noise) sets two thresholds: a
@@ -1748,6 +1749,8 @@ def find_ink(contrast: np.ndarray, faint: bool = True) -> np.ndarray:
     percentile (mostly paper). A thin pen's stroke fades in places, far below its darkest blot but far
     above clean paper; cut there, the digit lost a stroke. A row is found without `faint`: there, such
     faint ink (a blur, a smudge) also joined neighbouring digits into one.
+    `level` is the share of the strongest ink that a stroke must reach somewhere (its joined parts may
+    be half as strong): `fainter_digits` looks again at a lower level.
     """
     noise = 0.04 + 3 * float(np.percentile(contrast, 25))  # most of a photo is paper; a big digit, half
     marked = contrast > noise
@@ -1765,8 +1768,8 @@ def find_ink(contrast: np.ndarray, faint: bool = True) -> np.ndarray:
             strongest = 0.0
     if strongest < MIN_INK_CONTRAST:  # nothing darker than the paper's own grain: no ink at all
         return np.zeros_like(marked)
-    strong = marked & (contrast > max(noise, 0.5 * strongest))
-    joined = min(0.25 * strongest, 3 * float(np.percentile(contrast, 95))) if faint else 0.25 * strongest
+    strong = marked & (contrast > max(noise, level * strongest))
+    joined = min(level / 2 * strongest, 3 * float(np.percentile(contrast, 95))) if faint else level / 2 * strongest
     weak = marked & (contrast > max(noise, joined))
     labels, _ = ndimage.label(weak, structure=np.ones((3, 3)))
     return np.isin(labels, np.unique(labels[strong])) & weak
@@ -1962,18 +1965,25 @@ def group_digits(parts: list[dict]) -> list[list[dict]]:
     # A piece whose box holds the middles of two or more other pieces is drawn around them (the edge of a
     # sticky note or of the page, even where not closed), not a digit: a 0 holds a scrap at most.
     parts = [p for p in parts if sum(_holds(p["box"], q["box"]) for q in parts if q is not p) < 2] or parts
+    groups = _side_by_side(parts)
+    heights = [_height(g) for g in groups]
+    typical = np.median(heights)
+    return [g for g, h in zip(groups, heights) if 0.5 * typical <= h <= 3 * typical]
+
+
+def _side_by_side(parts: list[dict], share: float = 0.5) -> list[list[dict]]:
+    """Pieces grouped left to right: a piece that overlaps the group before it sideways by more than
+    `share` of the narrower one's width joins that group."""
     groups = []
     for p in sorted(parts, key=lambda p: p["box"][1]):
         if groups:
             box = _union([q["box"] for q in groups[-1]])
             overlap = min(box[3], p["box"][3]) - max(box[1], p["box"][1])
-            if overlap > 0.5 * min(box[3] - box[1], p["box"][3] - p["box"][1]):
+            if overlap > share * min(box[3] - box[1], p["box"][3] - p["box"][1]):
                 groups[-1].append(p)
                 continue
         groups.append([p])
-    heights = [_height(g) for g in groups]
-    typical = np.median(heights)
-    return [g for g, h in zip(groups, heights) if 0.5 * typical <= h <= 3 * typical]
+    return groups
 
 
 def on_the_page(groups: list[list[dict]], grey: np.ndarray, typical: float | None = None) -> list[list[dict]]:
@@ -2033,11 +2043,52 @@ def split_wide(ink: np.ndarray, height: float) -> list[np.ndarray]:
     return out
 
 
+def fainter_digits(groups: list[list[dict]], known: np.ndarray, contrast: np.ndarray) -> np.ndarray:
+    """The ink of digits in a row written with a lighter or thinner pen than the boldest (mask, maybe empty).
+
+    A row's ink is judged against its boldest digit, and a digit under half its contrast was not ink at
+    all: the row lost it. Such a digit is looked for again at FAINT_DIGIT of the boldest contrast, and
+    kept only if it looks like one of the row's digits: a piece of new ink (`known` is the ink found
+    already), about as tall as the others (a long scrap of a grid line in a shadow is taller, a dash
+    shorter), its middle on the row's line, beside the digits found (not over them), close to them, and
+    not cut by the frame. (Judging each digit against the ink near it instead turned such scraps into
+    digits.)"""
+    found = np.zeros(contrast.shape, bool)
+    if not groups:
+        return found
+    boxes = [_union([p["box"] for p in g]) for g in groups]
+    height = float(np.median([b[2] - b[0] for b in boxes]))
+    line_top, line_bottom = np.median([b[0] for b in boxes]), np.median([b[2] for b in boxes])
+    labels, _ = ndimage.label(find_ink(contrast, faint=False, level=FAINT_DIGIT), structure=np.ones((3, 3)))
+    h, w = contrast.shape
+    new = []  # pieces of new ink, not cut by the frame, beside the digits found
+    for i, box in enumerate(ndimage.find_objects(labels), start=1):
+        top, left, bottom, right = box[0].start, box[1].start, box[0].stop, box[1].stop
+        if (known[box] & (labels[box] == i)).any() or top == 0 or left == 0 or bottom == h or right == w:
+            continue
+        if all(min(right, b[3]) <= max(left, b[1]) for b in boxes):
+            new.append(dict(label=i, box=(top, left, bottom, right)))
+    for group in _side_by_side(new, share=0):  # a faint stroke fades in places: its pieces make one digit
+        top, left, bottom, right = _union([p["box"] for p in group])
+        gap = min(min(abs(left - b[3]), abs(b[1] - right)) for b in boxes)
+        if (gap <= 2 * height and 0.5 * height <= bottom - top <= 1.5 * height
+                and line_top < (top + bottom) / 2 < line_bottom):
+            found |= np.isin(labels, [p["label"] for p in group])
+    return found
+
+
 def digits_in_a_row(parts: list[dict], contrast: np.ndarray, angle: float | None, stages: dict):
     """Steps 5-6 for a row: the pieces grouped into digits left to right, each cut out and fitted to 28x28.
     Returns ([28x28 arrays], [boxes (top, left, bottom, right) in the shrunk photo's pixels])."""
     digits, boxes = [], []
     groups = on_the_page(group_digits(parts), stages["grey, small"])
+    kept = np.isin(parts[0]["labels"], [p["label"] for g in groups for p in g])
+    fainter = fainter_digits(groups, kept, contrast)
+    if fainter.any():
+        mask = (parts[0]["labels"] > 0) | fainter
+        stages["ink"] = mask.astype(np.float32)
+        parts = ink_parts(mask, contrast)
+        groups = on_the_page(group_digits(parts), stages["grey, small"])
     height = np.median([_height(g) for g in groups])
     for group in groups:
         ink = cut_out(group, contrast, angle)

@@ -611,6 +611,22 @@ def row_of(digits: str) -> np.ndarray:
     return paper_photo(np.pad(np.concatenate(parts, axis=1), 30))
 
 
+def test_a_digit_written_fainter_than_its_neighbours_is_still_found():
+    # A row's ink is judged against its boldest digit: a digit written with a lighter or thinner pen,
+    # under half its contrast, was not ink at all, and "2026" came out as three digits.
+    parts = [render(int(d), 40, canvas=(40, 60), at=(4, 6), seed=i) for i, d in enumerate("2026")]
+    parts[1] = (parts[1] * 0.42).astype(np.uint8)  # the 0, at 42% of the others' contrast
+    ink = np.pad(np.concatenate(parts, axis=1), 30)
+    digits, boxes = mnist_jax.split_digits(paper_photo(ink))
+    assert len(digits) == 4
+    assert [left for _, left, _, _ in boxes] == sorted(left for _, left, _, _ in boxes)
+    # Faint things that are not digits stay out: a long faint line down the page beside the number
+    # (a scrap of a grid line in a shadow), and a short faint dash on the row's line.
+    ink[5:-5, 205:207] = 90
+    ink[60:63, 12:24] = 90
+    assert len(mnist_jax.split_digits(paper_photo(ink))[0]) == 4
+
+
 def test_read_number_reads_a_row_and_a_single_digit(font_model, tmp_path):
     model = mnist_jax.load_params(font_model)
     assert mnist_jax.read_number(row_of("2026"), model) == "2026"
