@@ -1438,6 +1438,7 @@ WORK_SIDE = 320  # the photo's shorter side is brought down to about this: a dig
 MNIST_STROKE = 2.6 / 20  # MNIST's median stroke width, as a fraction of the 20 px box the digit is fitted into
 LINE_MARGIN = 2.0  # a printed line varies along its length: take out twice its typical contrast
 FAINT_DIGIT = 0.2  # a digit in a row may be this faint beside the row's boldest one (a share of its contrast)
+DIGIT_WIDTH = 0.8  # a handwritten digit's width, as a share of its height (0s and 2s: 0.9; at 0.7, "00" made 3)
 BRIDGE = 7  # a stroke crossing a printed line is bridged over gaps up to this many px (of WORK_SIDE's 320)
 MARGIN_LINE = 0.06  # a lone printed line (a margin) must stand this far above the paper (contrast, 0-1)
 LINE_ANGLE = 16  # the page may be turned up to this much (degrees) either way in the photo
@@ -2024,9 +2025,10 @@ def _height(group: list[dict]) -> int:
 
 
 def split_wide(ink: np.ndarray, height: float) -> list[np.ndarray]:
-    """A piece much wider than a digit is tall is touching digits: cut it at the emptiest columns."""
+    """A piece much wider than a digit is tall is touching digits: cut it at the emptiest columns, into
+    as many digits as DIGIT_WIDTH says fit."""
     h, w = ink.shape
-    count = int(round(w / (0.7 * height)))
+    count = int(round(w / (DIGIT_WIDTH * height)))
     if count < 2 or w < 1.2 * height:
         return [ink]
     columns = ndimage.uniform_filter1d(ink.sum(axis=0), 3)

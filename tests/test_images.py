@@ -554,6 +554,18 @@ def test_a_long_piece_a_pixel_or_two_tall_is_split_without_a_crash(shape):
     assert sum(p.shape[1] for p in pieces) == shape[1] and all(p.shape[0] == shape[0] for p in pieces)
 
 
+def test_two_round_digits_touching_are_cut_in_two_not_three():
+    # Two 0s as wide as they are tall, touching: 1.8 times as wide as tall. Taken as digits 0.7 of their
+    # height wide, that made three pieces ("0056" of our seed-0 rows was read as 14756).
+    def touching_zeros(count):
+        ink = np.zeros((40, 36 * count), np.float32)
+        for k in range(count):
+            ink = np.maximum(ink, oval_contrast(ink.shape, (19.5, 18 + 36 * k), (20, 18)))
+        return ink
+    assert len(mnist_jax.split_wide(touching_zeros(2), height=40)) == 2
+    assert len(mnist_jax.split_wide(touching_zeros(3), height=40)) == 3
+
+
 def oval_contrast(shape, centre, radii):
     """Contrast (0 paper, 0.8 ink) of an oval ring, a 0 with a stroke a tenth of its width."""
     rows, cols = np.mgrid[:shape[0], :shape[1]]
