@@ -1439,7 +1439,6 @@ MNIST_STROKE = 2.6 / 20  # MNIST's median stroke width, as a fraction of the 20 
 LINE_MARGIN = 2.0  # a printed line varies along its length: take out twice its typical contrast
 FAINT_DIGIT = 0.2  # a digit in a row may be this faint beside the row's boldest one (a share of its contrast)
 DIGIT_WIDTH = 0.8  # a handwritten digit's width, as a share of its height (0s and 2s: 0.9; at 0.7, "00" made 3)
-BRIDGE = 7  # a stroke crossing a printed line is bridged over gaps up to this many px (of WORK_SIDE's 320)
 MARGIN_LINE = 0.06  # a lone printed line (a margin) must stand this far above the paper (contrast, 0-1)
 LINE_ANGLE = 16  # the page may be turned up to this much (degrees) either way in the photo
 LINE_FAN = 16  # and seen at a slant: its lines' angles may differ this much, top to bottom
@@ -1626,11 +1625,7 @@ def remove_lines(contrast: np.ndarray) -> tuple[np.ndarray, float | None]:
     page was seen at a slant), printed lines make a few lines' means stand out when the angle is right. Then,
     along each line at that angle, the contrast that nearly all of the line has (a low percentile, so a
     digit crossing it does not count), above that of a typical row of paper, is the printed line's, and
-    is subtracted: a stroke lying on a printed line keeps its own contrast. A stroke crossing a printed
-    line shows the line through its ink (ballpoint and pencil are not opaque), so the subtraction cuts a
-    gap across it (a 5 on squared paper was read as an 8); where the ink on both sides of the line is
-    darker than what was taken out, the gap is bridged with the ink's own contrast (a closing across
-    the line's direction, at most the photo's contrast there). NaN pixels (not the page:
+    is subtracted: a stroke lying on a printed line keeps its own contrast. NaN pixels (not the page:
     `drop_frame_edge`) count as outside the photo, and come back as 0.
     Both directions are measured on the contrast as it came, and taken out together at the end: measured
     after the lines across were taken out, the lines down squared paper have a gap at every crossing,
@@ -1671,15 +1666,7 @@ def remove_lines(contrast: np.ndarray) -> tuple[np.ndarray, float | None]:
         printed += lines_here if across else lines_here.T
         if page_angle is None:
             page_angle = angle if across else -angle
-        this["taken"] = (lines_here if across else lines_here.T) > 0
-    contrast = np.nan_to_num(contrast)
-    cleaned = np.clip(contrast - printed, 0, 1)
-    for this in found:  # across first, then down: a crossing of two lines is bridged by the second
-        if "taken" in this:
-            closed = ndimage.grey_closing(cleaned, size=(BRIDGE, 1) if this["across"] else (1, BRIDGE))
-            closed = np.minimum(closed, contrast)
-            cleaned = np.where(this["taken"] & (closed > printed), np.maximum(cleaned, closed), cleaned)
-    return cleaned, page_angle
+    return np.nan_to_num(np.clip(contrast - printed, 0, 1)), page_angle
 
 
 # --- 4. find the ink, and keep what may be handwriting ------------------------------------------------
