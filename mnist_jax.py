@@ -2039,9 +2039,9 @@ def fainter_digits(groups: list[list[dict]], known: np.ndarray, contrast: np.nda
     all: the row lost it. Such a digit is looked for again at FAINT_DIGIT of the boldest contrast, and
     kept only if it looks like one of the row's digits: a piece of new ink (`known` is the ink found
     already), about as tall as the others (a long scrap of a grid line in a shadow is taller, a dash
-    shorter), its middle on the row's line, beside the digits found (not over them), close to them, and
-    not cut by the frame. (Judging each digit against the ink near it instead turned such scraps into
-    digits.)"""
+    shorter), its middle on the row's line, beside the digits found (not over them), within a digit's
+    height of them (at two heights, a stripe of a wooden desk came in), and not cut by the frame.
+    (Judging each digit against the ink near it instead turned scraps of grid lines into digits.)"""
     found = np.zeros(contrast.shape, bool)
     if not groups:
         return found
@@ -2060,7 +2060,7 @@ def fainter_digits(groups: list[list[dict]], known: np.ndarray, contrast: np.nda
     for group in _side_by_side(new, share=0):  # a faint stroke fades in places: its pieces make one digit
         top, left, bottom, right = _union([p["box"] for p in group])
         gap = min(min(abs(left - b[3]), abs(b[1] - right)) for b in boxes)
-        if (gap <= 2 * height and 0.5 * height <= bottom - top <= 1.5 * height
+        if (gap <= height and 0.5 * height <= bottom - top <= 1.5 * height
                 and line_top < (top + bottom) / 2 < line_bottom):
             found |= np.isin(labels, [p["label"] for p in group])
     return found
