@@ -2042,9 +2042,8 @@ def fainter_digits(groups: list[list[dict]], known: np.ndarray, contrast: np.nda
     shorter), its middle on the row's line, beside the digits found (not over them), within a digit's
     height of them (at two heights, a stripe of a wooden desk came in), and not cut by the frame.
     (Judging each digit against the ink near it instead turned scraps of grid lines into digits.)"""
-    found = np.zeros(contrast.shape, bool)
     if not groups:
-        return found
+        return np.zeros(contrast.shape, bool)
     boxes = [_union([p["box"] for p in g]) for g in groups]
     height = float(np.median([b[2] - b[0] for b in boxes]))
     line_top, line_bottom = np.median([b[0] for b in boxes]), np.median([b[2] for b in boxes])
@@ -2057,13 +2056,14 @@ def fainter_digits(groups: list[list[dict]], known: np.ndarray, contrast: np.nda
             continue
         if all(min(right, b[3]) <= max(left, b[1]) for b in boxes):
             new.append(dict(label=i, box=(top, left, bottom, right)))
+    digits = []  # the labels of the new pieces that make digits
     for group in _side_by_side(new, share=0):  # a faint stroke fades in places: its pieces make one digit
         top, left, bottom, right = _union([p["box"] for p in group])
         gap = min(min(abs(left - b[3]), abs(b[1] - right)) for b in boxes)
         if (gap <= height and 0.5 * height <= bottom - top <= 1.5 * height
                 and line_top < (top + bottom) / 2 < line_bottom):
-            found |= np.isin(labels, [p["label"] for p in group])
-    return found
+            digits += [p["label"] for p in group]
+    return np.isin(labels, digits)
 
 
 def digits_in_a_row(parts: list[dict], contrast: np.ndarray, angle: float | None, stages: dict):
