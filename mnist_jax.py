@@ -802,6 +802,7 @@ MIN_SCALE, MAX_SCALE = 0.85, 1.15  # height and width each, so the aspect ratio 
 MAX_SHEAR = 0.2                 # horizontal pixels moved per pixel of height (a slant of ~11 degrees)
 MAX_THICKEN, MAX_THIN = 1.0, 0.4  # weight of the 3x3 dilation (thicker pen) / erosion (thinner pen)
 HOLES, HOLE_RADIUS, HOLE_CHANCE = 2, 1.6, 0.5  # gaps in the strokes: up to 2 discs of 1.6 px, each half the time
+MAX_BEND, BEND_POINTS = 2.0, 4  # elastic bend: a 4x4 grid of points, each moved up to 2 px each way
 
 
 def _neighbourhood(x, reduce):
@@ -845,11 +846,28 @@ def punch_holes(key, x):
     return x * (1 - hole.max(axis=1))
 
 
-def affine(x, shift, angle, scale, shear):
-    """Move, rotate, scale and shear each image about its centre.
+def smooth_bend(key, b):
+    """A random, smooth bend of each of b images: (B, 2, 28, 28), how far (down, right) in pixels each
+    pixel reads from, elsewhere in the image.
+
+    One hand writes a loop rounder or a stroke longer than another; no shift, turn or shear does that.
+    An elastic distortion (Simard, Steinkraus and Platt, 2003, for MNIST) does: every point moves a
+    little, and nearby points move alike. Here each point of a coarse BEND_POINTS x BEND_POINTS grid
+    over the image gets a random move of up to MAX_BEND px each way, and the pixels between them move
+    by the linear blend of their grid points' moves."""
+    moves = jax.random.uniform(key, (b, 2, BEND_POINTS, BEND_POINTS), minval=-MAX_BEND, maxval=MAX_BEND)
+    # blend[i, k]: how much pixel row (or column) i takes from grid point k; each row sums to 1
+    where = np.linspace(0, BEND_POINTS - 1, 28)
+    blend = jnp.asarray(np.maximum(0, 1 - np.abs(where[:, None] - np.arange(BEND_POINTS))), jnp.float32)
+    return jnp.einsum("ik,bdkl,jl->bdij", blend, moves, blend)
+
+
+def affine(x, shift, angle, scale, shear, bend=0.0):
+    """Move, rotate, scale and shear each image about its centre, and bend it.
 
     Per image: shift (B, 2) in pixels (down, right), angle (B,) in radians, scale (B, 2)
-    (height, width) as factors, shear (B,) in pixels sideways per pixel down.
+    (height, width) as factors, shear (B,) in pixels sideways per pixel down, and bend
+    (B, 2, 28, 28) from smooth_bend (or 0: none).
 
     We go backwards: for every output pixel we compute where it comes from in the
     input, and read the input there with bilinear interpolation. Going from the output
@@ -865,25 +883,26 @@ def affine(x, shift, angle, scale, shear):
     y, x_ = c * y + s * x_, -s * y + c * x_
     x_ = x_ - shear[:, None, None] * y  # shear: each row slides sideways in proportion to its height
     y, x_ = y / scale[:, 0, None, None], x_ / scale[:, 1, None, None]
-    return jax.vmap(_bilinear)(x, y + centre, x_ + centre)
+    bend = jnp.broadcast_to(bend, (len(x), 2, 28, 28))  # then bent: each pixel reads a little way off
+    return jax.vmap(_bilinear)(x, y + centre + bend[:, 0], x_ + centre + bend[:, 1])
 
 
 def augment_images(key, x):
     """A random variant of each image, (B, 28, 28) floats in [0, 1] -> the same: what --augment trains on.
 
     Each image gets its own small change of the kind that separates one person's handwriting from
-    another's, or a photo from a scan: where the digit sits, its slant, size and shear, how thick the
-    pen was, and gaps where a stroke faded. Reproducible from the key; pure JAX, so it runs inside the
-    compiled epoch."""
+    another's, or a photo from a scan: where the digit sits, its slant, size and shear, the shape of its
+    strokes, how thick the pen was, and gaps where a stroke faded. Reproducible from the key; pure JAX,
+    so it runs inside the compiled epoch."""
     b = len(x)
-    k_shift, k_angle, k_scale, k_shear, k_thick, k_holes = jax.random.split(key, 6)
+    k_shift, k_angle, k_scale, k_shear, k_thick, k_holes, k_bend = jax.random.split(key, 7)
     shift = jax.random.uniform(k_shift, (b, 2), minval=-MAX_SHIFT, maxval=MAX_SHIFT)
     angle = jax.random.uniform(k_angle, (b,), minval=-MAX_ROTATION, maxval=MAX_ROTATION)
     scale = jax.random.uniform(k_scale, (b, 2), minval=MIN_SCALE, maxval=MAX_SCALE)  # (height, width)
     shear = jax.random.uniform(k_shear, (b,), minval=-MAX_SHEAR, maxval=MAX_SHEAR)
     thickness = jax.random.uniform(k_thick, (b,), minval=-MAX_THIN, maxval=MAX_THICKEN)
     x = punch_holes(k_holes, change_thickness(x, thickness))  # the pen first, on the sharp original ...
-    x = affine(x, shift, angle, scale, shear)  # ... then the page moves under it
+    x = affine(x, shift, angle, scale, shear, smooth_bend(k_bend, b))  # ... then the page moves under it
     return jnp.clip(x, 0.0, 1.0)
 
 
@@ -3112,7 +3131,7 @@ class Config:
                           choices=("linear", "onecycle", "cosine"))
     optimizer: str = _flag("sgd", "sgd (with --momentum) or adam", choices=("sgd", "adam"))
     momentum: float = _flag(0.9, "SGD momentum (0 = plain SGD)", type=_fraction)
-    augment: bool = _flag(False, "randomly shift, turn, scale, shear and thicken each training image, "
+    augment: bool = _flag(False, "randomly shift, turn, scale, shear, bend and thicken each training image, "
                           "and cut small gaps in its strokes")
     grad: str = _flag("auto", "gradients from jax.grad (auto) or from the backward pass written by hand (manual)",
                       choices=("auto", "manual"))

@@ -364,6 +364,22 @@ def test_affine_with_no_change_is_the_identity():
     np.testing.assert_allclose(same, x, atol=1e-5)
 
 
+def test_the_bend_is_small_smooth_and_moves_the_ink():
+    bend = np.asarray(mnist_jax.smooth_bend(jax.random.key(0), 16))
+    assert bend.shape == (16, 2, 28, 28)
+    assert np.abs(bend).max() <= mnist_jax.MAX_BEND + 1e-6 and np.abs(bend).max() > mnist_jax.MAX_BEND / 2
+    # Smooth: neighbouring pixels move alike (at most the grid's greatest difference over its spacing).
+    spacing = 27 / (mnist_jax.BEND_POINTS - 1)
+    assert np.abs(np.diff(bend, axis=2)).max() <= 2 * mnist_jax.MAX_BEND / spacing + 1e-5
+    assert np.abs(np.diff(bend, axis=3)).max() <= 2 * mnist_jax.MAX_BEND / spacing + 1e-5
+    # Bent, a digit changes shape but keeps about its ink.
+    x = jnp.zeros((16, 28, 28)).at[:, 6:22, 12:16].set(1.0)
+    bent = np.asarray(mnist_jax.affine(x, jnp.zeros((16, 2)), jnp.zeros(16), jnp.ones((16, 2)), jnp.zeros(16),
+                                       bend))
+    assert np.abs(bent - np.asarray(x)).sum(axis=(1, 2)).min() > 5
+    np.testing.assert_allclose(bent.sum(axis=(1, 2)), 64, rtol=0.25)
+
+
 def test_holes_only_take_ink_away_and_only_some_of_it():
     x = jnp.zeros((64, 28, 28)).at[:, 4:24, 4:24].set(1.0)  # the whole 20x20 box inked
     holed = np.asarray(mnist_jax.punch_holes(jax.random.key(0), x))
