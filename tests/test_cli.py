@@ -29,7 +29,7 @@ def test_help_lists_every_flag_with_its_default():
         assert flag in result.stdout
     help_text = " ".join(result.stdout.split())
     assert help_text.count("(default:") >= 17 and "(default: 512,512)" in help_text
-    assert "(default: data)" in help_text and "(default: mlp 20, resmlp 20, cnn " in help_text  # per-model epochs
+    assert "(default: data)" in help_text and mnist_jax._per_model("epochs") in help_text  # per-model epochs
 
 
 def test_env_changes_the_data_dir_default():
