@@ -1596,6 +1596,8 @@ def _line_direction(image: np.ndarray) -> tuple[float, float]:
     within a pixel across the photo). The fan comes from the lines' angles in the top and bottom thirds
     of the photo, found the same way, and is kept if it lines them up better; every other pixel is
     enough to tell."""
+    filled = {}  # id(image) -> (its values with NaN as 0, where it has values), both flat: made once per image
+
     def score(image, angle, fan=0.0):
         if fan:
             rows = _straighten(image, angle, fan)[0]
@@ -1604,7 +1606,10 @@ def _line_direction(image: np.ndarray) -> tuple[float, float]:
             h, w = image.shape
             row = np.arange(h)[:, None] - np.rint((np.arange(w) - w / 2) * np.tan(np.radians(angle))).astype(int)
             row = (row - row.min()).ravel()
-            sums, counts = np.bincount(row, np.nan_to_num(image).ravel()), np.bincount(row, np.isfinite(image).ravel())
+            if id(image) not in filled:
+                filled[id(image)] = (np.nan_to_num(image).ravel(), np.isfinite(image).ravel(), image)  # (kept alive)
+            values, finite, _ = filled[id(image)]
+            sums, counts = np.bincount(row, values), np.bincount(row, finite)
         return np.sum(sums[counts > 0] ** 2 / counts[counts > 0]) - sums.sum() ** 2 / max(1, counts.sum())
 
     def best(image, angles, fans=(0.0,)):  # the (angle, fan) of the highest score
