@@ -30,6 +30,10 @@ def test_help_lists_every_flag_with_its_default():
     help_text = " ".join(result.stdout.split())
     assert help_text.count("(default:") >= 17 and "(default: 512,512)" in help_text
     assert "(default: data)" in help_text and mnist_jax._per_model("epochs") in help_text  # per-model epochs
+    # ... and the README's table of flags says the same
+    readme = (ROOT / "README.md").read_text()
+    for name in ("epochs", "lr"):
+        assert mnist_jax._per_model(name).removeprefix("default: ") in readme, name
 
 
 def test_env_changes_the_data_dir_default():

@@ -380,6 +380,14 @@ def test_the_bend_is_small_smooth_and_moves_the_ink():
     np.testing.assert_allclose(bent.sum(axis=(1, 2)), 64, rtol=0.25)
 
 
+def test_augmentation_bends_the_digits(monkeypatch):
+    x = jnp.zeros((8, 28, 28)).at[:, 6:22, 12:16].set(1.0)
+    with_bend = np.asarray(mnist_jax.augment_images(jax.random.key(0), x))
+    monkeypatch.setattr(mnist_jax, "smooth_bend", lambda key, b: jnp.zeros((b, 2, 28, 28)))
+    without = np.asarray(mnist_jax.augment_images(jax.random.key(0), x))
+    assert np.abs(with_bend - without).sum(axis=(1, 2)).min() > 1  # every image bent
+
+
 def test_holes_only_take_ink_away_and_only_some_of_it():
     x = jnp.zeros((64, 28, 28)).at[:, 4:24, 4:24].set(1.0)  # the whole 20x20 box inked
     holed = np.asarray(mnist_jax.punch_holes(jax.random.key(0), x))
