@@ -3038,22 +3038,31 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _number(text: str, kind: type, need: str):
+    """`text` as an int or float; else the flag's error says what it must be (argparse alone would
+    print the checking function's name)."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {need}, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _number(text, int, "a positive whole number")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
     return value
 
 
 def _seed(text: str) -> int:
-    value = int(text)
+    value = _number(text, int, f"a whole number from 0 to {2**32 - 1}")
     if not 0 <= value < 2**32:  # NumPy's shuffler takes no negative seed, jax.random.key no huge one
         raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {2**32 - 1}, got {text}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _number(text, float, "a positive number")
     if not value > 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
@@ -3061,14 +3070,14 @@ def _positive_float(text: str) -> float:
 
 def _fraction(text: str) -> float:
     """A number in [0, 1): a momentum or a dropout probability."""
-    value = float(text)
+    value = _number(text, float, "at least 0 and below 1")
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
     return value
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
+    value = _number(text, float, "0 or more")
     if not value >= 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
@@ -3335,10 +3344,7 @@ def _show_folder(show_dir: str | None) -> Path:
 
 
 def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    value = _number(text, int, "a port number")
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"a port is 0 to 65535 (0: any free port), got {value}")
     return value

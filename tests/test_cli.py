@@ -46,6 +46,8 @@ def test_env_changes_the_data_dir_default():
     (["--hidden", "abc"], "--hidden: must be positive whole numbers"),
     (["--hidden", "128,0"], "--hidden"),
     (["--lr", "0"], "--lr: must be a positive number"),
+    (["--lr", "abc"], "--lr: must be a positive number, got 'abc'"),  # not "invalid _positive_float value"
+    (["--epochs", "two"], "--epochs: must be a positive whole number, got 'two'"),
     (["--momentum", "1.5"], "--momentum"),
     (["--activation", "sigmoid"], "invalid choice"),
     (["--model", "transformer"], "invalid choice"),
