@@ -1596,11 +1596,7 @@ def _line_direction(image: np.ndarray) -> tuple[float, float]:
     within a pixel across the photo). The fan comes from the lines' angles in the top and bottom thirds
     of the photo, found the same way, and is kept if it lines them up better; every other pixel is
     enough to tell."""
-    # Each image's values with NaN as 0, and where it has values (both flat), made once per image, not once per
-    # angle tried. Keyed by id(image), so each entry also holds the image: no other array can take its id.
-    filled = {}
-
-    def score(image, angle, fan=0.0):
+    def score(image, angle, fan=0.0, flat=None):
         if fan:
             rows = _straighten(image, angle, fan)[0]
             sums, counts = np.nansum(rows, axis=1), np.isfinite(rows).sum(axis=1)
@@ -1608,14 +1604,16 @@ def _line_direction(image: np.ndarray) -> tuple[float, float]:
             h, w = image.shape
             row = np.arange(h)[:, None] - np.rint((np.arange(w) - w / 2) * np.tan(np.radians(angle))).astype(int)
             row = (row - row.min()).ravel()
-            if id(image) not in filled:
-                filled[id(image)] = (np.nan_to_num(image).ravel(), np.isfinite(image).ravel(), image)
-            values, finite, _ = filled[id(image)]
+            values, finite = flat or flattened(image)
             sums, counts = np.bincount(row, values), np.bincount(row, finite)
         return np.sum(sums[counts > 0] ** 2 / counts[counts > 0]) - sums.sum() ** 2 / max(1, counts.sum())
 
+    def flattened(image):  # its values with NaN as 0, and where it has values, both flat
+        return np.nan_to_num(image).ravel(), np.isfinite(image).ravel()
+
     def best(image, angles, fans=(0.0,)):  # the (angle, fan) of the highest score
-        return max(((a, f) for a in angles for f in fans), key=lambda pair: score(image, *pair))
+        flat = flattened(image)  # once for all the angles tried, not once per angle
+        return max(((a, f) for a in angles for f in fans), key=lambda pair: score(image, *pair, flat=flat))
 
     def best_angle(image, around=0.0, half=6, step=0.1):
         angle, _ = best(image, _nearest_first(round(around), half, 1.0))
