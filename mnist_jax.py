@@ -2174,7 +2174,12 @@ def read_number(image, params: Model | str | None = None) -> str:
       ImageError: unreadable, or no digit found.
     """
     digits, _ = split_digits(image)
-    return "".join(str(int(d)) for d in probabilities(_model(params), np.stack(digits)).argmax(axis=1))
+    return digits_read(_model(params), digits)
+
+
+def digits_read(model: Model, digits28: list[np.ndarray]) -> str:
+    """The prepared 28x28 digits of a row, read left to right, as a string."""
+    return "".join(str(int(d)) for d in probabilities(model, np.stack(digits28)).argmax(axis=1))
 
 
 # =============================================================================
@@ -2687,7 +2692,7 @@ def predict_upload(model, body: bytes) -> dict:
               "input28": _png_data_url(img28)}
     digits, _ = digits_in_a_row(find_parts(image, contrast, stages, row=True), contrast, angle, stages)
     if len(digits) > 1:
-        answer["number"] = "".join(str(int(d)) for d in probabilities(model, np.stack(digits)).argmax(axis=1))
+        answer["number"] = digits_read(model, digits)
     return answer
 
 
@@ -3299,7 +3304,7 @@ def _predict_command(args) -> int:
         try:
             if args.number:
                 digits, _, steps = split_digits(path, steps=True)
-                number = "".join(str(int(d)) for d in probabilities(model, np.stack(digits)).argmax(axis=1))
+                number = digits_read(model, digits)
                 probs = None
                 print(f"{path}: {number}")
             else:
