@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 # Plumbing, used from section 3 on (files, downloads, the command line):
-import argparse, base64, errno, gzip, hashlib, http.client, http.server, io, ipaddress, json, math, os  # noqa: E401
+import argparse, base64, errno, gc, gzip, hashlib, http.client, http.server, io, ipaddress, json, math, os  # noqa: E401
 import signal, socket, socketserver, struct, sys, tempfile, threading, urllib.error, urllib.parse  # noqa: E401
 import urllib.request, warnings, zipfile, zlib  # noqa: E401
 from pathlib import Path
@@ -2208,7 +2208,9 @@ def _import_pyplot_meanwhile() -> threading.Thread:
 
 
 def _save_figure(plt, fig, path: Path) -> Path:
-    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
+    # Margins are set where each figure is made, not by bbox_inches="tight": that draws every figure
+    # twice, a third of the plots' time (0.3 s of 0.9 s for the four after training).
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return path
 
@@ -2225,6 +2227,7 @@ def save_plots(folder: Path, run: Run, data: Dataset) -> list[Path]:
     # Loss and accuracy per epoch, and the learning rate per step.
     epochs = [r["epoch"] for r in run.epochs]
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.91, wspace=0.28)
     ax_loss.plot(epochs, [r["train_loss"] for r in run.epochs], "o-", label="train")
     ax_loss.plot(epochs, [r["test_loss"] for r in run.epochs], "o-", label="test")
     ax_loss.set(xlabel="epoch", ylabel="loss (mean NLL, nats)", title="Loss", yscale="log")
@@ -2245,6 +2248,7 @@ def save_plots(folder: Path, run: Run, data: Dataset) -> list[Path]:
     wrong = np.nonzero(predicted != labels)[0][:16]
     shown = np.concatenate([wrong, np.nonzero(predicted == labels)[0][:48 - len(wrong)]])
     fig, ax = plt.subplots(figsize=(9, 7.5))
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.92)
     ax.imshow(mosaic(data.test_images[shown] / 255, cols=8, gap=10), cmap="gray_r", vmin=0, vmax=1)
     for n, i in enumerate(shown):  # one picture with 48 labels draws far faster than 48 pictures
         ok = predicted[i] == labels[i]
@@ -2260,6 +2264,7 @@ def save_plots(folder: Path, run: Run, data: Dataset) -> list[Path]:
     # Confusion matrix.
     confusion = np.array(classification_report(labels, predicted)["confusion_matrix"])
     fig, ax = plt.subplots(figsize=(7, 6))
+    fig.subplots_adjust(left=0.1, right=0.98, bottom=0.1, top=0.93)
     shown = ax.imshow(np.log1p(confusion), cmap="Blues")
     for t in range(10):
         for p in range(10):
@@ -2282,6 +2287,7 @@ def save_plots(folder: Path, run: Run, data: Dataset) -> list[Path]:
         tiles, title = w.T.reshape(-1, k, k)[:100], f"First layer: the {w.shape[-1]} convolution kernels ({k}x{k})"
     limit = float(np.percentile(np.abs(tiles), 99.5))  # a few extreme weights would wash out the rest
     fig, ax = plt.subplots(figsize=(8, 7.2))
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.94)
     picture = ax.imshow(mosaic(tiles, cols=int(np.ceil(np.sqrt(len(tiles)))), gap=1), cmap="RdBu_r", vmin=-limit,
                         vmax=limit, interpolation="nearest")
     ax.axis("off")
@@ -3434,4 +3440,8 @@ def main(argv: list[str] | None = None) -> int:
 # README.md, "Speed", has the measurements.
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # On the way out Python collects garbage once more, walking every object that jax and matplotlib
+    # made: 0.25-0.3 s of a 13 s run. Frozen objects it leaves alone; the process ends anyway.
+    gc.freeze()
+    sys.exit(status)
