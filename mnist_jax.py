@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 
 # Plumbing, used from section 3 on (files, downloads, the command line):
-import argparse, base64, errno, gc, gzip, hashlib, http.client, http.server, io, ipaddress, json, math, os  # noqa: E401
+import argparse, base64, errno, gc, gzip, hashlib, http.client, http.server, importlib.util, io, ipaddress  # noqa: E401
+import json, math, os  # noqa: E401
 import signal, socket, socketserver, struct, sys, tempfile, threading, urllib.error, urllib.parse  # noqa: E401
 import urllib.request, warnings, zipfile, zlib  # noqa: E401
 from pathlib import Path
@@ -40,7 +41,7 @@ from scipy import ndimage  # filters and connected components, for photos (secti
 # 1. The learning core: a layer, the forward pass, the loss, its gradient, SGD
 # =============================================================================
 # A layer is built by a function such as Dense(512), as in JAX's stax, and is
-# three functions that remember the layer's settings:
+# three functions that remember the layer's settings (batch norm has a fourth, below):
 #   init(key, in_shape)         -> (params, out_shape)   random starting weights
 #   forward(params, x, ctx)     -> (y, cache)            the output, and what backward needs
 #   backward(params, cache, dy) -> (grads, dx)           the chain rule, written by hand
@@ -51,7 +52,7 @@ class Layer(NamedTuple):
     init: Callable
     forward: Callable
     backward: Callable
-    running: Any = None  # batch norm's running statistics (see BatchNorm); None for other layers
+    running: Any = None  # batch norm only: a Running (start, update) that keeps its running statistics
 
 
 class Ctx(NamedTuple):
@@ -165,6 +166,7 @@ def forward(model: Model, images, train: bool = False, key=None):
 def log_softmax(logits):
     """log softmax(z)_i = log(exp(z_i) / sum_j exp(z_j)), computed as z_i - m - log(sum_j exp(z_j - m))
     with m = max(z), so that no exp overflows."""
+    # m cancels out of the result, so its gradient is 0 anyway: stop_gradient just spares jax.grad the max.
     shifted = logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
     return shifted - jnp.log(jnp.exp(shifted).sum(axis=-1, keepdims=True))
 
@@ -386,6 +388,13 @@ class Diverged(UserError):
     """The loss became NaN or infinite."""
 
 
+def check_batch_size(batch_size: int, n: int) -> None:
+    """A batch must fit in the n training images: UserError if not."""
+    if batch_size > n:
+        raise UserError(f"--batch-size {batch_size} is larger than the training set ({n:,} images); "
+                        f"choose at most {n:,}.")
+
+
 def describe(model: Model) -> str:
     """The layer sizes, read from the weights: e.g. 784-512-512-10, or conv32-conv64-128-10."""
     sizes = ["784"]
@@ -453,9 +462,7 @@ def train(net: Layer, data: Dataset, hyper: Hyper, epochs: int, batch_size: int,
       UserError: a batch larger than the training set.
     """
     n = len(data.train_images)
-    if batch_size > n:
-        raise UserError(f"--batch-size {batch_size} is larger than the training set ({n:,} images); "
-                        f"choose at most {n:,}.")
+    check_batch_size(batch_size, n)
     steps = n // batch_size
     hyper = hyper._replace(total_steps=steps * epochs)
     init_key, dropout_key = jax.random.split(jax.random.key(seed))
@@ -941,14 +948,6 @@ def mirrors() -> list[str]:
     return [u if u.endswith("/") else u + "/" for u in urls]
 
 
-def md5_of(stream, digest=None) -> str:
-    """The MD5 of everything `stream` (a binary file object) still holds, read 1 MiB at a time."""
-    digest = digest or hashlib.md5()
-    while chunk := stream.read(1 << 20):
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _looks_like_html(head: bytes) -> bool:
     return head.lstrip()[:1] == b"<"
 
@@ -1226,6 +1225,9 @@ def claim_run_folder(config: dict, out: str | os.PathLike | None = None, name: s
     def claim(folder: Path) -> None:
         write_atomically(folder / "config.json", lambda f: json.dump(config, f, indent=1), "w", exclusive=True)
 
+    if out is not None and name is not None:
+        raise UserError(f"give --name {name} or --out {out}, not both: --name makes runs/{name}, --out names "
+                        "the folder itself.")
     if out is None and name is None:
         for n in range(1, 1_000_000):
             folder = RUNS / f"{config['model']}-{n}"
@@ -2005,7 +2007,7 @@ def on_the_page(groups: list[list[dict]], grey: np.ndarray, typical: float | Non
     brightest tenth of each box (in the photo's grey) is compared with `typical`, the brightness a digit's
     box should reach: a box under ON_THE_TABLE of it holds only the table's grain. For a row, `typical` is
     the groups' median; for one digit, the photo's own brightest tenth (mostly paper). A shadow or a
-    gradient darkens a digit's paper too, but less: the issue's photos keep 0.4 of the light. (A table
+    gradient darkens a digit's paper too, but less: in our shadowed test photos the paper keeps 0.4 of its light. (A table
     that the frame cuts is dropped earlier, in `ink_parts`; this is for a table seen through a gap, or
     its corner.)"""
     if typical is None and len(groups) < 2:
@@ -2186,8 +2188,14 @@ def digits_read(model: Model, digits28: list[np.ndarray]) -> str:
 # 6. Plots (matplotlib, written as PNG files; no window is opened)
 # =============================================================================
 
+NO_MATPLOTLIB = "matplotlib is not installed, and the plots need it: `pip install -r requirements.txt`, or train with --no-plots."
+
+
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError(NO_MATPLOTLIB) from None
     matplotlib.use("Agg")  # draw into files, so that it works without a display
     import matplotlib.pyplot as plt
     return plt
@@ -3242,6 +3250,14 @@ def use_compile_cache() -> None:
     default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnist_jax"
     folder = os.environ.get("MNIST_JAX_CACHE", str(default))
     if folder:
+        try:  # a folder we cannot write (a read-only home) would make jax warn at every compile
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            print(f"note: compiled programs are not kept, as {folder} cannot be written ({e.strerror or e}); "
+                  "set MNIST_JAX_CACHE to another folder, or to nothing to say no cache.", file=sys.stderr)
+            return
         jax.config.update("jax_compilation_cache_dir", folder)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
@@ -3251,6 +3267,8 @@ def _train_command(cfg: Config) -> int:
     use_compile_cache()
     cfg = cfg.resolved()
     check_fits_in_memory(cfg)
+    if cfg.plots and importlib.util.find_spec("matplotlib") is None:  # say so now, not after training
+        raise UserError(NO_MATPLOTLIB)
     started = time.perf_counter()
     data = load_mnist(cfg.data_dir)
     timings["load"] = time.perf_counter() - started
@@ -3258,6 +3276,7 @@ def _train_command(cfg: Config) -> int:
         data = Dataset(data.train_images[:1000], data.train_labels[:1000], data.test_images[:1000],
                        data.test_labels[:1000])
         cfg = dataclasses.replace(cfg, epochs=1)
+    check_batch_size(cfg.batch_size, len(data.train_images))  # before the run folder is made
     folder = claim_run_folder(cfg.to_json(), cfg.out, cfg.name)  # before training: refuse a folder now, not later
     saved = []
 
@@ -3318,17 +3337,18 @@ def _predict_command(args) -> int:
                 probs, number = probabilities(model, digit28), None
                 top = np.argsort(probs)[::-1][:3]
                 print(f"{path}: {int(top[0])}   (" + ", ".join(f"{int(d)}: {probs[d]:.3f}" for d in top) + ")")
-            if args.show:
-                show_dir = show_dir or _show_folder(args.show_dir)
-                stem = Path(path).stem
-                name = next(n for n in (f"{stem}_steps.png", *(f"{stem}-{i}_steps.png" for i in range(2, 10**6)))
-                            if n not in shown)  # the same name twice in one command
-                shown.add(name)
-                figure = save_steps_figure(show_dir / name, path, steps, probs, number)
-                print(f"  preprocessing steps saved to {figure}")
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             failed += 1
+            continue
+        if args.show:  # a --show-dir that cannot be used stops the command (main says why), once
+            show_dir = show_dir or _show_folder(args.show_dir)
+            stem = Path(path).stem
+            name = next(n for n in (f"{stem}_steps.png", *(f"{stem}-{i}_steps.png" for i in range(2, 10**6)))
+                        if n not in shown)  # the same name twice in one command
+            shown.add(name)
+            figure = save_steps_figure(show_dir / name, path, steps, probs, number)
+            print(f"  preprocessing steps saved to {figure}")
     if failed:
         print(f"{failed} of {len(args.files)} files could not be read", file=sys.stderr)
     return 1 if failed else 0

@@ -139,6 +139,30 @@ def test_out_writes_exactly_there_and_refuses_a_folder_with_files(mnist_dir, tmp
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
+def test_what_can_be_refused_before_training_makes_no_run_folder(mnist_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "o"
+    assert dry_run(mnist_dir, "--out", out, "--batch-size", 5000) == 1  # the test data: 600 images
+    assert "--batch-size 5000 is larger than the training set (600 images)" in capsys.readouterr().err
+    assert dry_run(mnist_dir, "--out", out, "--name", "mine") == 1
+    assert "not both" in capsys.readouterr().err
+    real_find_spec = mnist_jax.importlib.util.find_spec
+    monkeypatch.setattr(mnist_jax.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    assert dry_run(mnist_dir, "--out", out) == 1
+    assert "matplotlib is not installed" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "runs").exists()
+    assert dry_run(mnist_dir, "--out", out, "--no-plots") == 0  # without plots, no matplotlib is needed
+
+
+def test_a_compile_cache_that_cannot_be_written_is_left_off_with_a_note(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    monkeypatch.setenv("MNIST_JAX_CACHE", str(tmp_path / "a_file" / "cache"))
+    before = mnist_jax.jax.config.jax_compilation_cache_dir
+    mnist_jax.use_compile_cache()
+    assert "compiled programs are not kept" in capsys.readouterr().err
+    assert mnist_jax.jax.config.jax_compilation_cache_dir == before
+
+
 def test_out_must_be_a_folder(mnist_dir, tmp_path, capsys):
     (tmp_path / "taken").write_text("a file of the user's")
     assert dry_run(mnist_dir, "--out", tmp_path / "taken") == 1
@@ -267,9 +291,10 @@ def test_predict_show_dir_must_be_new_or_empty(trained, tmp_path, capsys):
     assert mnist_jax.main(["predict", str(tmp_path / "a" / "one.png"), str(tmp_path / "b" / "one.png"),
                            "--params", str(trained), "--show-dir", str(shown), "--show"]) == 0
     assert sorted(p.name for p in shown.iterdir()) == ["one-2_steps.png", "one_steps.png"]
-    assert mnist_jax.main(["predict", str(tmp_path / "a" / "one.png"), "--params", str(trained),
-                           "--show-dir", str(shown), "--show"]) == 1
-    assert "is not empty" in capsys.readouterr().err
+    assert mnist_jax.main(["predict", str(tmp_path / "a" / "one.png"), str(tmp_path / "b" / "one.png"),
+                           "--params", str(trained), "--show-dir", str(shown), "--show"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("is not empty") == 1 and "could not be read" not in err  # the folder's fault, said once
     assert sorted(p.name for p in shown.iterdir()) == ["one-2_steps.png", "one_steps.png"]
 
 
