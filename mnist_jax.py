@@ -1848,17 +1848,28 @@ def _union(boxes):
 
 
 def keep_digit(parts: list[dict]) -> list[dict]:
-    """The main group of strokes: the piece with the most ink, and the pieces near it (a 5's flag, a 4
-    written in two strokes): near it (within a quarter of its size), no bigger, and about as dark."""
+    """The main group of strokes: the piece with the most ink, and the pieces about as dark as it (the same
+    pen, not a faint line or shadow) that belong with it. Either near it (within a quarter of its size) and
+    no bigger: the two strokes of a 4, a 5's flag close to its body. Or above or below it, overlapping it
+    sideways, within 0.6 of its size and at most 1.25 times as big: a 5's flag written with the pen lifted
+    often floats that far, and is often wider than the body (a quarter of the size left it out)."""
     main = max(parts, key=lambda p: p["mass"])
     group = [main]
     grown = True
     while grown:
         box = _union([p["box"] for p in group])
         size = max(box[2] - box[0], box[3] - box[1])
-        more = [p for p in parts if p not in group and _near(p["box"], box, 0.25 * size)
-                and max(p["box"][2] - p["box"][0], p["box"][3] - p["box"][1]) <= size  # a part, not more
-                and p["level"] > 0.6 * main["level"]]  # the same pen, not a faint line or shadow
+
+        def belongs(part):
+            top, left, bottom, right = part["box"]
+            extent = max(bottom - top, right - left)
+            beside = _near(part["box"], box, 0.25 * size) and extent <= size
+            overlap = min(right, box[3]) - max(left, box[1])  # sideways, in px
+            gap = max(top - box[2], box[0] - bottom)  # up or down, in px
+            stacked = overlap >= 0.5 * (right - left) and gap <= 0.6 * size and extent <= 1.25 * size
+            return (beside or stacked) and part["level"] > 0.6 * main["level"]
+
+        more = [p for p in parts if p not in group and belongs(p)]
         group += more
         grown = bool(more)
     return group

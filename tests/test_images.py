@@ -483,6 +483,21 @@ def test_hairline_strokes_are_thickened_towards_mnists_width_and_others_left_as_
     assert abs(mnist_jax.stroke_width(changed > 0.5) - target) < 0.3 * target, mnist_jax.stroke_width(changed > 0.5)
 
 
+def test_a_5s_flag_written_with_the_pen_lifted_stays_with_its_body():
+    # The body of a 5 (a stem and a belly, 75 px tall) and its flag drawn apart, 30 px above it (0.4 of the
+    # digit's size) and wider than the body: before, only pieces within a quarter of the size joined.
+    # A dash as dark, as far off to the side, is not part of the digit.
+    ink = Image.new("L", (220, 200), 0)
+    draw = ImageDraw.Draw(ink)
+    draw.line([(70, 70), (66, 105)], fill=255, width=5)  # the stem
+    draw.arc([(55, 95), (115, 145)], start=-150, end=140, fill=255, width=5)  # the belly
+    draw.line([(64, 40), (122, 34)], fill=255, width=5)  # the flag, lifted off
+    draw.line([(175, 100), (205, 100)], fill=255, width=5)  # a dash beside it
+    _, steps = mnist_jax.preprocess(paper_photo(np.asarray(ink)), steps=True)
+    height, width = steps["digit"].shape
+    assert height > 95 and width < 85, (height, width)  # from the flag's top to the belly's bottom, no dash
+
+
 def test_a_thin_pen_stroke_that_fades_stays_part_of_its_digit():
     # A 7 with a dark blot where the pen started (95% contrast), a top at 50% and a stem that fades to
     # 20%: judged against a quarter of the blot, the stem was cut away and a flat bar was left.
