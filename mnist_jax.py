@@ -158,12 +158,12 @@ def init_params(key: jax.Array, net: Layer) -> Model:
     return Model(net, params, net.running.start(params))
 
 
-def forward(model: Model, images, train: bool = False, key=None):
+def forward(model: Model, images: jax.Array, train: bool = False, key: jax.Array | None = None):
     """The network's 10 scores (logits) for each image (B, 784), and the caches for `backward`."""
     return model.net.forward(model.params, images, Ctx(train, key, model.stats))
 
 
-def log_softmax(logits):
+def log_softmax(logits: jax.Array) -> jax.Array:
     """log softmax(z)_i = log(exp(z_i) / sum_j exp(z_j)), computed as z_i - m - log(sum_j exp(z_j - m))
     with m = max(z), so that no exp overflows."""
     # m cancels out of the result, so its gradient is 0 anyway: stop_gradient just spares jax.grad the max.
@@ -171,18 +171,18 @@ def log_softmax(logits):
     return shifted - jnp.log(jnp.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def predict(model: Model, images):
+def predict(model: Model, images: jax.Array) -> jax.Array:
     """Log-probabilities (B, 10) of each digit, for images (B, 784) with pixel values in [0, 1]."""
     logits, _ = forward(model, images)
     return log_softmax(logits)
 
 
-def nll(log_probs, labels):
+def nll(log_probs: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean negative log-likelihood of the true labels, in nats: 0 when the model is sure and right."""
     return -jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=1).mean()
 
 
-def loss(model: Model, images, labels, train: bool = False, key=None):
+def loss(model: Model, images: jax.Array, labels: jax.Array, train: bool = False, key: jax.Array | None = None):
     """What training makes small: the mean negative log-likelihood of the labels (nats).
 
     Args:
@@ -198,12 +198,12 @@ def loss(model: Model, images, labels, train: bool = False, key=None):
     return nll(log_probs, labels), (log_probs, caches)
 
 
-def accuracy(model: Model, images, labels):
+def accuracy(model: Model, images: jax.Array, labels: jax.Array) -> jax.Array:
     """The fraction of images whose most probable digit is the label."""
     return (predict(model, images).argmax(axis=1) == labels).mean()
 
 
-def gradients(model: Model, images, labels, key, by_hand: bool = False):
+def gradients(model: Model, images: jax.Array, labels: jax.Array, key: jax.Array, by_hand: bool = False):
     """(loss, (log_probs, caches), dLoss/dparams) on one training batch.
 
     jax.grad differentiates `loss`. By hand (--grad manual): for softmax followed by
@@ -234,7 +234,7 @@ class Hyper(NamedTuple):
                                 # batch; 0: all at once (a CNN on a CPU takes 32: see gradients_in_parts)
 
 
-def learning_rate(hyper: Hyper, step):
+def learning_rate(hyper: Hyper, step: jax.Array) -> jax.Array:
     """The learning rate at `step` (0, 1, ... total_steps - 1), as a fraction of the run t = step / total:
     linear:   lr * (1 - t), from lr down to 0;
     onecycle: up from lr/25 to lr over the first 25% of the steps, then down to 0 in a straight line;
@@ -279,12 +279,13 @@ class TrainState(NamedTuple):
 
 
 def start_training(model: Model, hyper: Hyper) -> TrainState:
+    """Step 0: the model, and the optimiser's memory of past gradients, all zeros."""
     zeros = jax.tree.map(jnp.zeros_like, model.params)
     return TrainState(model, (zeros, zeros) if hyper.optimizer == "adam" else zeros, jnp.zeros((), jnp.int32))
 
 
 @partial(jax.jit, static_argnames="hyper")
-def update(state: TrainState, images, labels, key, hyper: Hyper):
+def update(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array, hyper: Hyper):
     """One step of gradient descent on one batch. Returns (new state, loss, number of correct predictions).
 
         g <- dLoss/dparam + weight_decay * param     (the L2 penalty's gradient)
@@ -2018,8 +2019,8 @@ def on_the_page(groups: list[list[dict]], grey: np.ndarray, typical: float | Non
     brightest tenth of each box (in the photo's grey) is compared with `typical`, the brightness a digit's
     box should reach: a box under ON_THE_TABLE of it holds only the table's grain. For a row, `typical` is
     the groups' median; for one digit, the photo's own brightest tenth (mostly paper). A shadow or a
-    gradient darkens a digit's paper too, but less: in our shadowed test photos the paper keeps 0.4 of its light. (A table
-    that the frame cuts is dropped earlier, in `ink_parts`; this is for a table seen through a gap, or
+    gradient darkens a digit's paper too, but less: in our shadowed test photos the paper keeps 0.4 of
+    its light. (A table that the frame cuts is dropped earlier, in `ink_parts`; this is for a table seen through a gap, or
     its corner.)"""
     if typical is None and len(groups) < 2:
         return groups  # a row of one: nothing to compare it with
@@ -2199,7 +2200,8 @@ def digits_read(model: Model, digits28: list[np.ndarray]) -> str:
 # 6. Plots (matplotlib, written as PNG files; no window is opened)
 # =============================================================================
 
-NO_MATPLOTLIB = "matplotlib is not installed, and the plots need it: `pip install -r requirements.txt`, or train with --no-plots."
+NO_MATPLOTLIB = ("matplotlib is not installed, and the plots need it: `pip install -r requirements.txt`, "
+                 "or train with --no-plots.")
 
 
 def _pyplot():
