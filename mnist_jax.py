@@ -2020,8 +2020,8 @@ def on_the_page(groups: list[list[dict]], grey: np.ndarray, typical: float | Non
     box should reach: a box under ON_THE_TABLE of it holds only the table's grain. For a row, `typical` is
     the groups' median; for one digit, the photo's own brightest tenth (mostly paper). A shadow or a
     gradient darkens a digit's paper too, but less: in our shadowed test photos the paper keeps 0.4 of
-    its light. (A table that the frame cuts is dropped earlier, in `ink_parts`; this is for a table seen through a gap, or
-    its corner.)"""
+    its light. (A table that the frame cuts is dropped earlier, in `ink_parts`; this is for a table seen
+    through a gap, or its corner.)"""
     if typical is None and len(groups) < 2:
         return groups  # a row of one: nothing to compare it with
     brightest = [float(np.percentile(grey[top:bottom, left:right], 90))
