@@ -1843,6 +1843,11 @@ def _near(a, b, gap):
     return (a[0] - gap < b[2] and b[0] - gap < a[2]) and (a[1] - gap < b[3] and b[1] - gap < a[3])
 
 
+def _shared_columns(a, b) -> int:
+    """How many columns two boxes (top, left, bottom, right) share: their overlap sideways, in px (< 0: apart)."""
+    return min(a[3], b[3]) - max(a[1], b[1])
+
+
 def _union(boxes):
     boxes = np.array(boxes)
     return (boxes[:, 0].min(), boxes[:, 1].min(), boxes[:, 2].max(), boxes[:, 3].max())
@@ -1865,7 +1870,7 @@ def keep_digit(parts: list[dict]) -> list[dict]:
             top, left, bottom, right = part["box"]
             extent = max(bottom - top, right - left)
             beside = _near(part["box"], box, 0.25 * size) and extent <= size
-            overlap = min(right, box[3]) - max(left, box[1])  # sideways, in px
+            overlap = _shared_columns(part["box"], box)
             gap = max(top - box[2], box[0] - bottom)  # up or down, in px
             stacked = overlap >= 0.5 * (right - left) and gap <= 0.6 * size and extent <= 1.25 * size
             return (beside or stacked) and part["level"] > 0.6 * main["level"]
@@ -2004,7 +2009,7 @@ def _side_by_side(parts: list[dict], share: float = 0.5) -> list[list[dict]]:
     for p in sorted(parts, key=lambda p: p["box"][1]):
         if groups:
             box = _union([q["box"] for q in groups[-1]])
-            overlap = min(box[3], p["box"][3]) - max(box[1], p["box"][1])
+            overlap = _shared_columns(box, p["box"])
             if overlap > share * min(box[3] - box[1], p["box"][3] - p["box"][1]):
                 groups[-1].append(p)
                 continue
@@ -3068,49 +3073,37 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _number(text: str, kind: type, need: str):
-    """`text` as an int or float; else the flag's error says what it must be (argparse alone would
-    print the checking function's name)."""
+def _number(text: str, kind: type, need: str, ok: Callable[[Any], bool] = lambda value: True):
+    """`text` as an int or float for which `ok` holds; else the flag's error says what it must be
+    (argparse alone would print the checking function's name)."""
     try:
-        return kind(text)
+        value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be {need}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {need}, got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
-    value = _number(text, int, "a positive whole number")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
-    return value
+    return _number(text, int, "a positive whole number", lambda v: v > 0)
 
 
-def _seed(text: str) -> int:
-    value = _number(text, int, f"a whole number from 0 to {2**32 - 1}")
-    if not 0 <= value < 2**32:  # NumPy's shuffler takes no negative seed, jax.random.key no huge one
-        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {2**32 - 1}, got {text}")
-    return value
+def _seed(text: str) -> int:  # NumPy's shuffler takes no negative seed, jax.random.key no huge one
+    return _number(text, int, f"a whole number from 0 to {2**32 - 1}", lambda v: 0 <= v < 2**32)
 
 
 def _positive_float(text: str) -> float:
-    value = _number(text, float, "a positive number")
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+    return _number(text, float, "a positive number", lambda v: v > 0 and math.isfinite(v))
 
 
 def _fraction(text: str) -> float:
     """A number in [0, 1): a momentum or a dropout probability."""
-    value = _number(text, float, "at least 0 and below 1")
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
-    return value
+    return _number(text, float, "at least 0 and below 1", lambda v: 0 <= v < 1)
 
 
 def _non_negative_float(text: str) -> float:
-    value = _number(text, float, "0 or more")
-    if not value >= 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+    return _number(text, float, "0 or more", lambda v: v >= 0 and math.isfinite(v))
 
 
 def _layer_sizes(text: str) -> tuple[int, ...]:
