@@ -1460,6 +1460,7 @@ WORK_SIDE = 320  # the photo's shorter side is brought down to about this: a dig
 MNIST_STROKE = 2.6 / 20  # MNIST's median stroke width, as a fraction of the 20 px box the digit is fitted into
 LINE_MARGIN = 2.0  # a printed line varies along its length: take out twice its typical contrast
 FAINT_DIGIT = 0.2  # a digit in a row may be this faint beside the row's boldest one (a share of its contrast)
+FAINT_STROKE = 0.3  # a faint piece of a digit's stroke reaches this share of the digit's own ink somewhere
 DIGIT_WIDTH = 0.8  # a handwritten digit's width, as a share of its height (0s and 2s: 0.9; at 0.7, "00" made 3)
 MARGIN_LINE = 0.06  # a lone printed line (a margin) must stand this far above the paper (contrast, 0-1)
 LINE_ANGLE = 16  # the page may be turned up to this much (degrees) either way in the photo
@@ -1881,14 +1882,58 @@ def keep_digit(parts: list[dict]) -> list[dict]:
     return group
 
 
+def pixels_of(parts: list[dict]) -> np.ndarray:
+    """A mask of the pieces' pixels in the whole photo."""
+    return np.isin(parts[0]["labels"], [p["label"] for p in parts])
+
+
+def with_faint_strokes(group: list[dict], contrast: np.ndarray) -> np.ndarray:
+    """The digit's pixels (a mask): the pieces of its group, and the fainter pieces of ink beside them
+    (and its own strokes' soft edges, down to a tenth of its ink).
+
+    Why: a thin pen or a pencil fades in places, and `find_ink` judges ink against the strongest ink in
+    the photo, so a stroke that fades to a third of its blots comes out in pieces, and the faint pieces
+    are left out (a 5 without its middle stroke is read as a 1). Here the ink near the digit is judged
+    again, against the digit's own ink: a piece joins if it is darker than the paper's grain and a tenth
+    of the digit's ink, reaches FAINT_STROKE of it somewhere, holds 2% as many pixels as the digit, and
+    lies within 15% of the digit's size of it (again, as pieces join). A piece that runs out of the
+    digit's surroundings (its size around it) is a shadow's edge or a line, not a stroke, and if
+    the digit would grow to over 1.6 times its size, nothing joins."""
+    mine = pixels_of(group)
+    top, left, bottom, right = _union([p["box"] for p in group])
+    size = max(bottom - top, right - left)
+    window = (slice(max(0, top - size), bottom + size), slice(max(0, left - size), right + size))
+    near, seed = np.nan_to_num(contrast[window]), mine[window]
+    digit_ink = float(np.percentile(near[seed], 90))
+    grain = 0.04 + 3 * float(np.percentile(np.nan_to_num(contrast), 25))  # as in `find_ink`
+    labels, n = ndimage.label(near > max(grain, 0.1 * digit_ink), structure=np.ones((3, 3)))
+    index = np.arange(1, n + 1)
+    stroke = np.concatenate([[False], (ndimage.maximum(near, labels, index) >= FAINT_STROKE * digit_ink) &
+                             (np.bincount(labels.ravel(), minlength=n + 1)[1:] >= 0.02 * seed.sum())])
+    stroke[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = False  # runs out of the window
+    grown = seed
+    for _ in range(3):
+        joining = np.unique(labels[ndimage.binary_dilation(grown, iterations=max(1, round(0.15 * size)))])
+        more = grown | np.isin(labels, joining[stroke[joining]])
+        if more.sum() == grown.sum():
+            break
+        grown = more
+    rows, cols = np.nonzero(grown)
+    if max(np.ptp(rows), np.ptp(cols)) + 1 > 1.6 * size:
+        return mine
+    mine[window] = grown
+    return mine
+
+
 # --- 6. straighten, stroke width, and MNIST's layout ---------------------------------------------------
-def cut_out(parts: list[dict], contrast: np.ndarray, angle: float | None) -> np.ndarray:
-    """The digit's ink cropped to its box, as soft values in [0, 1] (the contrast of its pieces, their
-    anti-aliased edges included), turned upright if the paper's lines gave the page's angle."""
-    top, left, bottom, right = _union([p["box"] for p in parts])
+def cut_out(mine: np.ndarray, contrast: np.ndarray, angle: float | None) -> np.ndarray:
+    """The digit's ink cropped to its box, as soft values in [0, 1] (the contrast of its pixels `mine`, a
+    mask, their anti-aliased edges included), turned upright if the paper's lines gave the page's angle."""
+    rows, cols = np.nonzero(mine)
+    top, left, bottom, right = rows.min(), cols.min(), rows.max() + 1, cols.max() + 1
     pad = 2
     window = (slice(max(0, top - pad), bottom + pad), slice(max(0, left - pad), right + pad))
-    mine = np.isin(parts[0]["labels"][window], [p["label"] for p in parts])
+    mine = mine[window]
     if min(bottom - top, right - left) >= 40:
         mine = ndimage.binary_dilation(mine)  # keep the soft rim around each stroke (a small digit's holes stay)
     ink = np.where(mine, contrast[window], 0).astype(np.float32)
@@ -1958,7 +2003,7 @@ def one_digit(parts: list[dict], contrast: np.ndarray, angle: float | None, stag
     """Steps 5-6 for one digit: keep the main group of strokes, cut it out, strokes like MNIST's, 28x28."""
     grey = stages["grey, small"]
     parts = [g[0] for g in on_the_page([[p] for p in parts], grey, float(np.percentile(grey, 90)))]
-    ink = cut_out(keep_digit(parts), contrast, angle)
+    ink = cut_out(with_faint_strokes(keep_digit(parts), contrast), contrast, angle)
     stages["digit"] = ink
     ink = normalise_strokes(ink)
     stages["strokes like MNIST's"] = ink
@@ -2123,7 +2168,7 @@ def digits_in_a_row(parts: list[dict], contrast: np.ndarray, angle: float | None
         groups = on_the_page(group_digits(parts), stages["grey, small"])
     height = np.median([_height(g) for g in groups])
     for group in groups:
-        ink = cut_out(group, contrast, angle)
+        ink = cut_out(pixels_of(group), contrast, angle)
         for piece in split_wide(ink, height):
             digits.append(fit_28x28(normalise_strokes(piece)))
         boxes.append(_union([p["box"] for p in group]))

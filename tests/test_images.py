@@ -513,6 +513,26 @@ def test_a_thin_pen_stroke_that_fades_stays_part_of_its_digit():
     assert height > 1.3 * width, (height, width)  # the stem is there: taller than wide
 
 
+def test_a_faint_piece_of_a_stroke_rejoins_its_digit_and_lines_and_smudges_do_not():
+    # A 7 whose stem fades away below its middle (a thin pen): the faint lower part, at 30% of the dark
+    # ink and 4 px from it, is too faint for `find_ink` and not joined to anything dark, so the 7 lost it.
+    # A smudge as faint further off, and a faint line running through the digit's surroundings past its
+    # end (a shadow's edge, a printed line), stay out.
+    contrast = np.random.default_rng(0).uniform(0, 0.01, (200, 200)).astype(np.float32)
+    pen = lambda level, *line: ImageDraw.Draw(canvas := Image.new("L", (200, 200), 0)).line(*line) or (
+        np.maximum(contrast, level * np.asarray(canvas, np.float32) / 255, out=contrast))
+    pen(0.9, [(60, 40), (110, 40)], 255, 4)  # the top
+    pen(0.9, [(108, 42), (96, 80)], 255, 3)  # the stem's upper half
+    pen(0.3, [(94, 85), (84, 118)], 255, 3)  # its faint lower half
+    pen(0.3, [(150, 150), (165, 160)], 255, 3)  # a smudge 30 px away
+    pen(0.3, [(0, 124), (199, 124)], 255, 2)  # a line 6 px below the stem's end
+    group = mnist_jax.keep_digit(mnist_jax.ink_parts(mnist_jax.find_ink(contrast), contrast))
+    before, after = mnist_jax.pixels_of(group), mnist_jax.with_faint_strokes(group, contrast)
+    assert before[60, 102] and not before[100, 89]  # the faint half was not found at first
+    assert after[60, 102] and after[100, 89] and after[115, 85]  # the whole stem now
+    assert not after[155, 157] and not after[124, 20] and not after[124, 85]  # no smudge, no line
+
+
 @pytest.mark.parametrize("what", ["a dark table beyond a slanted page edge", "a round shadow cut by the frame"])
 def test_a_faint_pencil_digit_beside_what_the_frame_cuts_is_found(font_model, what):
     page = notebook_page().astype(np.float32)
