@@ -1703,9 +1703,10 @@ def _along_the_edge(mask: np.ndarray, least: float) -> tuple[np.ndarray, np.ndar
     of the frame's size: the very edge may be missing), and the part of them that is the table itself.
 
     Only pieces that stay near their side count, reaching at most halfway into the frame: a table, not a
-    big digit. A digit written near the table joins its piece, but only over a few columns: the table is
-    about as deep all along the side. So the table's part is what lies within the running median (over a
-    quarter of the side) of how far the piece reaches in, column by column.
+    big digit. A digit written near the table joins its piece, but only over some of its columns, and the
+    page's edge is straight. So the table's part is what lies within the straight line that follows how
+    far the piece reaches in, column by column, where no digit sticks out (`_straight_edge`; a running
+    median of the reach over a quarter of the side took a digit as wide as that for the table).
     Returns two masks: the whole pieces, and their table parts."""
     labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
     h, w = mask.shape
@@ -1724,11 +1725,24 @@ def _along_the_edge(mask: np.ndarray, least: float) -> tuple[np.ndarray, np.ndar
             # The piece and its table part turned so that their side is at the top (views: they share memory).
             part = np.zeros_like(piece)
             seen, seen_part = [(a, a[::-1], a.T, a.T[::-1])[side] for a in (piece, part)]
-            reach = np.where(seen.any(axis=0), len(seen) - np.argmax(seen[::-1], axis=0), 0)  # how far in, per column
-            typical = ndimage.median_filter(reach, size=max(3, band.shape[1] // 4), mode="nearest")
-            seen_part |= seen & (np.arange(len(seen))[:, None] < typical)
+            present = seen.any(axis=0)
+            reach = np.where(present, len(seen) - np.argmax(seen[::-1], axis=0), 0)  # how far in, per column
+            seen_part |= seen & (np.arange(len(seen))[:, None] < _straight_edge(reach, present))
             table[rows, cols] |= part
     return pieces, table
+
+
+def _straight_edge(reach: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """How far in the table reaches at each column, where the piece is `present`: a straight line (a page's
+    edge is straight) fitted to the piece's reach, leaving out, three times over, the columns that reach
+    further in than the line by more than twice the typical distance from it: a digit touching the table."""
+    x, y = np.flatnonzero(present), reach[present].astype(float)
+    edge = np.full(len(x), True)
+    for _ in range(3):
+        slope, start = np.polyfit(x[edge], y[edge], 1) if edge.sum() > 1 else (0.0, float(np.median(y)))
+        off = y - (slope * x + start)
+        edge = off <= max(2.0, 2 * float(np.median(np.abs(off[edge]))))
+    return np.where(present, np.ceil(slope * np.arange(len(reach)) + start + 1), 0)
 
 
 def drop_frame_edge(contrast: np.ndarray, wide: np.ndarray | None = None) -> np.ndarray:

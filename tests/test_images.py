@@ -312,6 +312,21 @@ def test_a_digit_on_ruled_paper_beside_the_table_is_found(font_model):
     assert mnist_jax.predict_digit(page.astype(np.uint8), mnist_jax.load_params(font_model)) == 3
 
 
+def test_a_wide_marker_digit_standing_on_a_slanted_table_edge_is_kept(font_model):
+    # The table runs along the bottom of the frame at a slant (its depth 60-90 px), and a thick 0 as wide
+    # as a third of the side stands on it. The table's depth was the running median of the dark piece's
+    # reach over a quarter of the side, so the 0 counted as table and went with it: "no digit found".
+    page = notebook_page().astype(np.float32)
+    h, w = page.shape[:2]
+    rows, cols = np.mgrid[:h, :w]
+    page[rows > h - 60 - 30 * cols / w] = 45  # the table, darker than the ink
+    ink = np.asarray(Image.fromarray(render(0, 40, stroke=4, seed=1)).resize((260, 260), Image.BICUBIC)) / 255
+    page[290:550, 300:560] *= (1 - 0.9 * ink)[:, :, None]  # its bottom sinks into the table
+    digit, steps = mnist_jax.preprocess(page.clip(0, 255).astype(np.uint8), steps=True)
+    assert steps["digit"].shape[1] > 0.5 * steps["digit"].shape[0], steps["digit"].shape  # a round 0, not a sliver
+    assert mnist_jax.predict_digit(page.clip(0, 255).astype(np.uint8), mnist_jax.load_params(font_model)) == 0
+
+
 def test_the_margin_line_of_ruled_paper_is_taken_out_and_a_1_filling_the_frame_is_not(font_model):
     # A lone line down the page was left (printed lines come in threes), and a digit beside it was read
     # together with it, or the line was taken for the digit. Only with printed lines across is it a margin.
