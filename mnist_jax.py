@@ -1733,13 +1733,14 @@ def _along_the_edge(mask: np.ndarray, least: float) -> tuple[np.ndarray, np.ndar
 
 
 def _straight_edge(reach: np.ndarray, present: np.ndarray) -> np.ndarray:
-    """How far in the table reaches at each column, where the piece is `present`: a straight line (a page's
-    edge is straight) fitted to the piece's reach, leaving out, three times over, the columns that reach
-    further in than the line by more than twice the typical distance from it: a digit touching the table."""
+    """How far in the table reaches at each column where the piece is `present` (and 1 px more, rounded up):
+    a straight line, as a page's edge is straight. It is fitted to the columns that reach in least (a
+    digit touching the table only ever reaches further in), then twice more to the columns that reach no
+    further in than the last line by 2 px or twice their typical distance from it."""
     x, y = np.flatnonzero(present), reach[present].astype(float)
-    edge = np.full(len(x), True)
+    edge = y <= np.median(y)
     for _ in range(3):
-        slope, start = np.polyfit(x[edge], y[edge], 1) if edge.sum() > 1 else (0.0, float(np.median(y)))
+        slope, start = np.polyfit(x[edge], y[edge], 1) if edge.sum() > 1 else (0.0, float(np.median(y[edge])))
         off = y - (slope * x + start)
         edge = off <= max(2.0, 2 * float(np.median(np.abs(off[edge]))))
     return np.where(present, np.ceil(slope * np.arange(len(reach)) + start + 1), 0)
@@ -1769,6 +1770,11 @@ def drop_frame_edge(contrast: np.ndarray, wide: np.ndarray | None = None) -> np.
     return np.where(ndimage.binary_dilation(table, iterations=margin), np.nan, contrast)
 
 
+def paper_grain(contrast: np.ndarray) -> float:
+    """The contrast that plain paper's grain and noise reach: most of a photo is paper (a big digit, half)."""
+    return 0.04 + 3 * float(np.percentile(np.nan_to_num(contrast), 25))
+
+
 def find_ink(contrast: np.ndarray, faint: bool = True, level: float = 0.5) -> np.ndarray:
     """Ink mask: what stands out from the paper, relative to the strongest ink in the photo.
 
@@ -1782,7 +1788,7 @@ def find_ink(contrast: np.ndarray, faint: bool = True, level: float = 0.5) -> np
     `level` is the share of the strongest ink that a stroke must reach somewhere (its joined parts may
     be half as strong): `fainter_digits` looks again at a lower level.
     """
-    noise = 0.04 + 3 * float(np.percentile(contrast, 25))  # most of a photo is paper; a big digit, half
+    noise = paper_grain(contrast)
     marked = contrast > noise
     if marked.sum() < 5:
         return marked
@@ -1907,27 +1913,31 @@ def with_faint_strokes(group: list[dict], contrast: np.ndarray) -> np.ndarray:
 
     Why: a thin pen or a pencil fades in places, and `find_ink` judges ink against the strongest ink in
     the photo, so a stroke that fades to a third of its blots comes out in pieces, and the faint pieces
-    are left out (a 5 without its middle stroke is read as a 1). Here the ink near the digit is judged
-    again, against the digit's own ink: a piece joins if it is darker than the paper's grain and a tenth
-    of the digit's ink, reaches FAINT_STROKE of it somewhere, holds 2% as many pixels as the digit, and
-    lies within 15% of the digit's size of it (again, as pieces join). A piece that runs out of the
-    digit's surroundings (its size around it) is a shadow's edge or a line, not a stroke, and if
-    the digit would grow to over 1.6 times its size, nothing joins."""
+    are left out (a 5 without its middle stroke is read as a 1). Here the ink that `find_ink` did not
+    find at all is judged again, against the digit's own ink: a piece joins if it is darker than the
+    paper's grain and a tenth of the digit's ink, reaches FAINT_STROKE of it somewhere, has at least 2%
+    as many pixels as the digit (and 3), and comes within 15% of the digit's size of it, across or down
+    (up to three rounds, as pieces join). What `find_ink` found but was left out (a box drawn around
+    the digit, a neighbour, a speck) stays out. A piece that runs out of the digit's surroundings (its
+    size around it) is a shadow's edge or a line, not a stroke; and if the digit would grow to over
+    1.6 times its size, nothing joins."""
     mine = pixels_of(group)
     top, left, bottom, right = _union([p["box"] for p in group])
     size = max(bottom - top, right - left)
     window = (slice(max(0, top - size), bottom + size), slice(max(0, left - size), right + size))
     near, seed = np.nan_to_num(contrast[window]), mine[window]
+    judged = ndimage.binary_dilation((group[0]["labels"][window] > 0) & ~seed, iterations=2)  # with their rims
     digit_ink = float(np.percentile(near[seed], 90))
-    grain = 0.04 + 3 * float(np.percentile(np.nan_to_num(contrast), 25))  # as in `find_ink`
-    labels, n = ndimage.label(near > max(grain, 0.1 * digit_ink), structure=np.ones((3, 3)))
+    faint = (near > max(paper_grain(contrast), 0.1 * digit_ink)) & ~judged
+    labels, n = ndimage.label(faint, structure=np.ones((3, 3)))
     index = np.arange(1, n + 1)
     stroke = np.concatenate([[False], (ndimage.maximum(near, labels, index) >= FAINT_STROKE * digit_ink) &
-                             (np.bincount(labels.ravel(), minlength=n + 1)[1:] >= 0.02 * seed.sum())])
+                             (np.bincount(labels.ravel(), minlength=n + 1)[1:] >= max(3, 0.02 * seed.sum()))])
     stroke[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = False  # runs out of the window
     grown = seed
     for _ in range(3):
-        joining = np.unique(labels[ndimage.binary_dilation(grown, iterations=max(1, round(0.15 * size)))])
+        close = ndimage.maximum_filter(grown, size=2 * max(1, round(0.15 * size)) + 1)  # a square around it
+        joining = np.unique(labels[close])
         more = grown | np.isin(labels, joining[stroke[joining]])
         if more.sum() == grown.sum():
             break
@@ -1942,7 +1952,7 @@ def with_faint_strokes(group: list[dict], contrast: np.ndarray) -> np.ndarray:
 # --- 6. straighten, stroke width, and MNIST's layout ---------------------------------------------------
 def cut_out(mine: np.ndarray, contrast: np.ndarray, angle: float | None) -> np.ndarray:
     """The digit's ink cropped to its box, as soft values in [0, 1] (the contrast of its pixels `mine`, a
-    mask, their anti-aliased edges included), turned upright if the paper's lines gave the page's angle."""
+    mask that is not empty, their anti-aliased edges included), turned upright if the paper's lines gave the page's angle."""
     rows, cols = np.nonzero(mine)
     top, left, bottom, right = rows.min(), cols.min(), rows.max() + 1, cols.max() + 1
     pad = 2
