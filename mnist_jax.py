@@ -1705,8 +1705,7 @@ def _along_the_edge(mask: np.ndarray, least: float) -> tuple[np.ndarray, np.ndar
     Only pieces that stay near their side count, reaching at most halfway into the frame: a table, not a
     big digit. A digit written near the table joins its piece, but only over some of its columns, and the
     page's edge is straight. So the table's part is what lies within the straight line that follows how
-    far the piece reaches in, column by column, where no digit sticks out (`_straight_edge`; a running
-    median of the reach over a quarter of the side took a digit as wide as that for the table).
+    far the piece reaches in, column by column, where no digit sticks out (`_straight_edge`).
     Returns two masks: the whole pieces, and their table parts."""
     labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
     h, w = mask.shape
