@@ -2191,7 +2191,7 @@ def digits_in_a_row(parts: list[dict], contrast: np.ndarray, angle: float | None
         groups = on_the_page(group_digits(parts), stages["grey, small"])
     height = np.median([_height(g) for g in groups])
     for group in groups:
-        ink = cut_out(pixels_of(group), contrast, angle)
+        ink = cut_out(with_faint_strokes(group, contrast), contrast, angle)
         for piece in split_wide(ink, height):
             digits.append(fit_28x28(normalise_strokes(piece)))
         boxes.append(_union([p["box"] for p in group]))

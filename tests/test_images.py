@@ -698,6 +698,23 @@ def test_a_digit_written_fainter_than_its_neighbours_is_still_found():
     assert len(mnist_jax.split_digits(paper_photo(ink))[0]) == 4
 
 
+def test_a_faint_piece_of_a_stroke_rejoins_its_digit_in_a_row_too():
+    # "177": the middle 7's stem fades to 30% of the dark ink below its middle, 4 px from the dark part.
+    # Without the faint half, the 7 was a bar and a stub, wider than tall, and read as anything.
+    photo = np.full((200, 360), 0.9, np.float32) + np.random.default_rng(0).normal(0, 0.004, (200, 360))
+    for level, xy, width in [(0.9, [(60, 40), (60, 120)], 4),  # the 1
+                             (0.9, [(130, 40), (180, 40)], 4), (0.9, [(178, 42), (166, 80)], 3),
+                             (0.3, [(164, 85), (154, 118)], 3),  # the middle 7, fading
+                             (0.9, [(230, 40), (270, 40)], 4), (0.9, [(270, 40), (240, 120)], 4)]:  # the last 7
+        canvas = Image.new("L", (360, 200), 0)
+        ImageDraw.Draw(canvas).line(xy, fill=255, width=width)
+        photo *= 1 - level * np.asarray(canvas, np.float32) / 255
+    digits, _ = mnist_jax.split_digits(photo.astype(np.float32))
+    assert len(digits) == 3
+    tall, wide = (digits[1].sum(axis=1) > 0.1).sum(), (digits[1].sum(axis=0) > 0.1).sum()
+    assert tall > wide, (tall, wide)
+
+
 def test_read_number_reads_a_row_and_a_single_digit(font_model, tmp_path):
     model = mnist_jax.load_params(font_model)
     assert mnist_jax.read_number(row_of("2026"), model) == "2026"
