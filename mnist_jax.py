@@ -1951,7 +1951,8 @@ def with_faint_strokes(group: list[dict], contrast: np.ndarray) -> np.ndarray:
 # --- 6. straighten, stroke width, and MNIST's layout ---------------------------------------------------
 def cut_out(mine: np.ndarray, contrast: np.ndarray, angle: float | None) -> np.ndarray:
     """The digit's ink cropped to its box, as soft values in [0, 1] (the contrast of its pixels `mine`, a
-    mask that is not empty, their anti-aliased edges included), turned upright if the paper's lines gave the page's angle."""
+    mask that is not empty, their anti-aliased edges included), turned upright if the paper's lines gave
+    the page's angle."""
     rows, cols = np.nonzero(mine)
     top, left, bottom, right = rows.min(), cols.min(), rows.max() + 1, cols.max() + 1
     pad = 2
