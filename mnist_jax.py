@@ -1526,35 +1526,58 @@ def _light_ink(smooth: np.ndarray, size: int) -> bool:
     light = smooth > np.mean(np.percentile(smooth, [2, 98]))  # lighter than the middle of the photo's range
     if light.mean() > 0.5:
         return False  # most of the photo is light: paper, darkened everywhere by dense printed lines
-    return not _a_sheet_of_paper(light)  # a sticky note or a page on a dark desk
+    return not _a_sheet_of_paper(light)  # a sticky note, a page on a dark desk, the lit part of a shaded page
 
 
 def _a_sheet_of_paper(light: np.ndarray) -> bool:
-    """Does the photo's `light` part hold a sheet of paper: a region over a third of the shorter side
-    across, with some writing on it, that nearly fills the smallest rectangle around it at any angle
-    (a sticky note on a dark desk)? A light stroke is thin, and a thick light 0 is round and mostly hole."""
+    """Does the photo's `light` part hold paper, not light strokes? A stroke is thin and inside the frame.
+    Paper is a light region at least a fifth of the shorter side across that
+    - runs along the frame's edge for over a third of its shorter side (a lit part of a shaded page);
+    - or has writing on it: the dark holes in it are long, thin strokes (the longest 9 times as long as
+      wide, their width under 0.35 of the region's), not the round holes of a bold light 0, 6, 8 or 9;
+    - or has some writing on it and nearly fills the smallest rectangle around it at any angle
+      (a sticky note on a dark desk)."""
     labels, _ = ndimage.label(light)
+    short, (h, w) = min(light.shape), light.shape
     turns = [np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) for a in np.radians(range(0, 90, 3))]
     for i, box in enumerate(ndimage.find_objects(labels), start=1):
-        if min(box[0].stop - box[0].start, box[1].stop - box[1].start) < 0.35 * min(light.shape):
+        rows, cols = box
+        if max(rows.stop - rows.start, cols.stop - cols.start) < 0.2 * short:
             continue
         mine = labels[box] == i
+        along = ((rows.start == 0) * mine[0].sum() + (rows.stop == h) * mine[-1].sum()
+                 + (cols.start == 0) * mine[:, 0].sum() + (cols.stop == w) * mine[:, -1].sum())
+        if along > short / 3:
+            return True
         filled = ndimage.binary_fill_holes(mine)  # with the writing on it
-        if not 0.01 * filled.sum() < (filled & ~mine).sum() < 0.2 * filled.sum():
+        holes = filled & ~light[box]  # (not the light inside a written 0)
+        if not 0.005 * filled.sum() < holes.sum() < 0.2 * filled.sum():
             continue  # paper has some writing on it, and not much: a light 0 is mostly hole
-        rim = np.argwhere(filled & ~ndimage.binary_erosion(filled)).astype(float)
+        each, n = ndimage.label(holes)
+        longest = each == 1 + np.argmax(ndimage.sum(holes, each, range(1, n + 1)))
+        # A stroke L long and w wide has an area of L * w and about 2 * L edge pixels, so L / w = edge^2 / (4 * area).
+        if (_edge(longest).sum() ** 2 / (4 * longest.sum()) >= 9
+                and stroke_width(holes) < 0.35 * stroke_width(mine)):
+            return True
+        if min(rows.stop - rows.start, cols.stop - cols.start) < 0.35 * short or holes.sum() < 0.01 * filled.sum():
+            continue
+        rim = np.argwhere(_edge(filled)).astype(float)
         rectangle = min(np.prod(np.ptp(rim @ turn, axis=0) + 1) for turn in turns)
         if filled.sum() >= 0.88 * rectangle:
             return True
     return False
 
 
+def _edge(mask: np.ndarray) -> np.ndarray:
+    """The mask's pixels that touch its outside."""
+    return mask & ~ndimage.binary_erosion(mask)
+
+
 def stroke_width(mask: np.ndarray) -> float:
     """The typical width in pixels of the strokes in a mask. A stroke of width w and length L covers
     w * L pixels and has about 2 * L edge pixels, so 2 * area / edge pixels measures the width
     without tracing the strokes."""
-    edge = mask & ~ndimage.binary_erosion(mask)
-    return 2 * mask.sum() / max(1, edge.sum())
+    return 2 * mask.sum() / max(1, _edge(mask).sum())
 
 
 def paper_window(contrast: np.ndarray) -> int:

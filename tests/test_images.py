@@ -467,6 +467,37 @@ def test_a_dim_photo_of_paper_is_still_dark_ink_on_light_paper(font_model):
         assert mnist_jax.predict_digit(photo.clip(0, 255).astype(np.uint8), model) == digit, seed
 
 
+def test_paper_that_is_mostly_shaded_or_cut_by_the_frame_is_still_dark_ink_on_paper(font_model):
+    # Most of each photo is dark, so these looked like light ink on a dark board: a shadow over all but
+    # a corner of the page, and sticky notes too small, or too cut by the frame, to be a whole rectangle.
+    model = mnist_jax.load_params(font_model)
+    h, w = 300, 600
+    y, x = np.mgrid[:h, :w]
+    page = notebook_page(h, w).mean(axis=2) * np.where(x - 1.2 * y > 420, 1.0, 0.4)  # lit only at the top right
+    ink = np.asarray(Image.fromarray(render(4, 40, seed=2)).resize((100, 100), Image.BICUBIC)) / 255
+    page[150:250, 60:160] *= 1 - 0.85 * ink
+    assert not mnist_jax.flatten_light(page / 255)[1]
+    assert mnist_jax.predict_digit(page.clip(0, 255).astype(np.uint8), model) == 4
+    notes = [(7, (40, 220), 170, 20, (70, 220), 80),  # cut by the top of the frame
+             (2, (270, 560), 170, -15, (245, 540), 50),  # in the corner
+             (5, (150, 350), 80, 10, (150, 350), 54)]  # whole, but small: under a third of the frame's height
+    for seed, (digit, (cy, cx), side, angle, (dy, dx), size) in enumerate(notes):
+        rng = np.random.default_rng(seed)
+        photo = ndimage.gaussian_filter(rng.normal(50, 12, (h, w)), (1, 6))  # a dark desk
+        turn = np.radians(angle)
+        u, v = (x - cx) * np.cos(turn) + (y - cy) * np.sin(turn), (y - cy) * np.cos(turn) - (x - cx) * np.sin(turn)
+        note = (abs(u) <= side / 2) & (abs(v) <= side / 2)
+        photo[note] = 235
+        where = (slice(dy - size // 2, dy + size // 2), slice(dx - size // 2, dx + size // 2))
+        assert note[where].all()  # the digit is on the note
+        pen = render(digit, 40, stroke=1, seed=seed)  # a pen, not a marker
+        photo[where] *= 1 - 0.85 * np.asarray(Image.fromarray(pen).resize((size, size), Image.BICUBIC)) / 255
+        assert not mnist_jax.flatten_light(photo / 255)[1], seed
+        assert mnist_jax.predict_digit(photo.clip(0, 255).astype(np.uint8), model) == digit, seed
+    for digit in (0, 6, 8, 9):  # bold light digits, whose holes are round, are still light ink
+        assert mnist_jax.flatten_light(render(digit, 40, stroke=4, seed=digit).astype(np.float32) / 255)[1]
+
+
 def test_a_digit_in_a_corner_darkened_by_vignetting_and_falling_light_is_read(font_model):
     # A third of the frame was too wide a window for the paper's brightness here: it could not follow
     # the corner's fall-off, which was left as a grey ring that outweighed the digit (2 of 8 read).
