@@ -2088,10 +2088,29 @@ def group_digits(parts: list[dict]) -> list[list[dict]]:
     # A piece whose box holds the middles of two or more other pieces is drawn around them (the edge of a
     # sticky note or of the page, even where not closed), not a digit: a 0 holds a scrap at most.
     parts = [p for p in parts if sum(_holds(p["box"], q["box"]) for q in parts if q is not p) < 2] or parts
-    groups = _side_by_side(parts)
+    groups = _one_above_the_other(_side_by_side(parts))
     heights = [_height(g) for g in groups]
     typical = np.median(heights)
     return [g for g, h in zip(groups, heights) if 0.5 * typical <= h <= 3 * typical]
+
+
+def _one_above_the_other(groups: list[list[dict]]) -> list[list[dict]]:
+    """Neighbouring groups that lie one above the other are one digit: a row's digits stand side by side, so
+    these are the pieces of a stroke that faded in the middle (a 1 in two pieces, the stem of a 6 above its
+    loop), which need not share half their width. Each must be a real piece (a fifth of the row's typical
+    height), they must nearly touch sideways, and together be no taller than a digit (1.5 x typical)."""
+    typical = np.median([_height(g) for g in groups])
+    merged = []
+    for g in groups:
+        if merged:
+            a, b = _union([p["box"] for p in merged[-1]]), _union([p["box"] for p in g])
+            stacked = min(a[2], b[2]) - max(a[0], b[0]) <= 0.2 * min(a[2] - a[0], b[2] - b[0])  # rows they share
+            if (stacked and min(a[2] - a[0], b[2] - b[0]) >= 0.2 * typical
+                    and _shared_columns(a, b) >= -0.1 * typical and max(a[2], b[2]) - min(a[0], b[0]) <= 1.5 * typical):
+                merged[-1] = merged[-1] + g
+                continue
+        merged.append(g)
+    return merged
 
 
 def _side_by_side(parts: list[dict], share: float = 0.5) -> list[list[dict]]:

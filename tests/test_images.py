@@ -746,6 +746,22 @@ def test_a_faint_piece_of_a_stroke_rejoins_its_digit_in_a_row_too():
     assert tall > wide, (tall, wide)
 
 
+def test_the_two_pieces_of_a_broken_slanted_1_are_one_digit():
+    # "717": the 1's stroke fades out in its middle, and its halves share under half their width (it slants),
+    # so they were two groups: four digits in all.
+    photo = np.full((200, 360), 0.9, np.float32) + np.random.default_rng(0).normal(0, 0.004, (200, 360))
+    for xy in [[(60, 40), (100, 40)], [(100, 40), (70, 120)],  # the 7s
+               [(185, 40), (176, 77)], [(174, 84), (165, 120)],  # the 1, in two pieces 7 px apart
+               [(250, 40), (290, 40)], [(290, 40), (260, 120)]]:
+        canvas = Image.new("L", (360, 200), 0)
+        ImageDraw.Draw(canvas).line(xy, fill=255, width=4)
+        photo *= 1 - 0.9 * np.asarray(canvas, np.float32) / 255
+    digits, boxes = mnist_jax.split_digits(photo)
+    assert len(digits) == 3
+    top, left, bottom, right = boxes[1]
+    assert bottom - top > 70 and left < 170 and right > 180  # the whole 1
+
+
 def test_read_number_reads_a_row_and_a_single_digit(font_model, tmp_path):
     model = mnist_jax.load_params(font_model)
     assert mnist_jax.read_number(row_of("2026"), model) == "2026"
