@@ -1466,6 +1466,7 @@ MARGIN_LINE = 0.06  # a lone printed line (a margin) must stand this far above t
 LINE_ANGLE = 16  # the page may be turned up to this much (degrees) either way in the photo
 LINE_FAN = 16  # and seen at a slant: its lines' angles may differ this much, top to bottom
 ON_THE_TABLE = 0.35  # a digit's box whose brightest tenth is under this share of the paper's is on the table
+DESK_DARKER = 0.7  # a desk around the paper is under this share of the paper's brightness
 
 
 # --- 1. load, and make a big photo small first --------------------------------------------------------
@@ -1768,6 +1769,61 @@ def _straight_edge(reach: np.ndarray, present: np.ndarray) -> np.ndarray:
     return np.where(present, np.ceil(slope * np.arange(len(reach)) + start + 1), 0)
 
 
+def otsu_level(values: np.ndarray) -> float:
+    """Otsu's threshold: the level that splits the values into the two classes that lie furthest apart (the
+    largest spread between the classes' means, each weighted by its share of the values)."""
+    counts, edges = np.histogram(values, bins=128)
+    levels = (edges[:-1] + edges[1:]) / 2
+    below = np.cumsum(counts)
+    above = below[-1] - below
+    sums = np.cumsum(counts * levels)
+    spread = below * above * (sums / np.maximum(below, 1) - (sums[-1] - sums) / np.maximum(above, 1)) ** 2
+    return float(levels[np.argmax(spread)])
+
+
+def off_the_paper(grey: np.ndarray) -> np.ndarray:
+    """Where the photo shows the desk around the paper (a page, a sticky note lying on it), as a mask: all
+    False if no desk is seen. A wooden desk's grain and the edge of a note are ink to `find_ink`; left in,
+    they were cut out as the digit.
+
+    A grey closing 4% of the shorter side wide takes away the pen's strokes; Otsu's level then splits what is
+    left into paper and darker things. The darker part is a desk if it is
+    - clearly darker, under DESK_DARKER of the paper's brightness;
+    - sharply bordered, as a page's edge is (the pixels halfway between the two levels lie within about 1%
+      of the shorter side of the border); a shadow's edge is soft, and its dark side is paper;
+    - wide (what an opening of 3% of the shorter side leaves: not a marker's stroke), and seen around the
+      paper: along a third of two sides of the frame or more (a corner, or all around a note); in all, at
+      least 2% of the frame. (A table along one side is `drop_frame_edge`'s: it cuts along the page's
+      straight edge, and keeps a digit standing on the table.)
+    The mask reaches 1% of the shorter side into the paper, over the paper's edge."""
+    short = min(grey.shape)
+    closed = ndimage.grey_closing(grey, size=max(3, round(0.04 * short)))
+    level = otsu_level(closed.ravel())
+    dark = closed <= level
+    none = np.zeros_like(dark)
+    if not 0.02 <= dark.mean() < 1:
+        return none
+    paper_level, dark_level = float(closed[~dark].mean()), float(closed[dark].mean())
+    border = dark & ~ndimage.binary_erosion(dark, border_value=1)  # (the frame's edge is no border)
+    halfway = np.abs(closed - (paper_level + dark_level) / 2) < 0.25 * (paper_level - dark_level)
+    if dark_level > DESK_DARKER * paper_level or halfway.sum() > 0.012 * short * max(1, border.sum()):
+        return none
+    reach = max(1, round(0.03 * short))
+    labels, _ = ndimage.label(ndimage.binary_opening(dark, iterations=reach))
+    sides = [labels[0], labels[-1], labels[:, 0], labels[:, -1]]
+    along = sum(np.bincount(side, minlength=labels.max() + 1) >= len(side) / 3 for side in sides)
+    desk = np.isin(labels, np.nonzero(along[1:] >= 2)[0] + 1)
+    if desk.mean() < 0.02:
+        return none
+    # Back to the photo itself, where the paper between the desk and a digit near it is light again: the
+    # desk is what is dark there, joined to what the opening kept, and near it (its thin corners, the
+    # ends of the printed lines that run into it).
+    dark_here, _ = ndimage.label(ndimage.gaussian_filter(grey, 1) <= level)
+    near = ndimage.binary_dilation(desk, iterations=2 * reach)
+    desk = near & np.isin(dark_here, np.unique(dark_here[desk & (dark_here > 0)]))
+    return ndimage.binary_dilation(desk, iterations=max(1, round(0.01 * short)))
+
+
 def drop_frame_edge(contrast: np.ndarray, wide: np.ndarray | None = None) -> np.ndarray:
     """The contrast without the dark things that run along the frame's edge: the table beyond the page,
     the page's edge, cut by the frame. They are found as the clearly dark pieces (above 40% of the
@@ -2026,6 +2082,8 @@ def find_page(image, stages: dict) -> tuple[np.ndarray, float | None]:
     wide, inverted = flatten_light(grey)
     contrast, _ = flatten_light(grey, paper_window(wide), inverted)
     stages["light flattened" + (" (light ink)" if inverted else "")] = contrast
+    if not inverted:  # (a board's light ink has no paper around it)
+        contrast = np.where(off_the_paper(grey), np.nan, contrast)
     contrast = drop_frame_edge(contrast, wide)
     stages["frame's edge dropped"] = np.nan_to_num(contrast)
     contrast, angle = remove_lines(contrast)
