@@ -473,7 +473,8 @@ def test_paper_that_is_mostly_shaded_or_cut_by_the_frame_is_still_dark_ink_on_pa
     model = mnist_jax.load_params(font_model)
     h, w = 300, 600
     y, x = np.mgrid[:h, :w]
-    page = notebook_page(h, w).mean(axis=2) * np.where(x - 1.2 * y > 420, 1.0, 0.4)  # lit only at the top right
+    lit = 0.4 + 0.6 / (1 + np.exp(-(x - 1.2 * y - 420) / 8))  # only the top right corner, a soft edge
+    page = notebook_page(h, w).mean(axis=2) * lit
     ink = np.asarray(Image.fromarray(render(4, 40, seed=2)).resize((100, 100), Image.BICUBIC)) / 255
     page[150:250, 60:160] *= 1 - 0.85 * ink
     assert not mnist_jax.flatten_light(page / 255)[1]
