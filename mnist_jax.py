@@ -1533,7 +1533,8 @@ def _light_ink(smooth: np.ndarray, size: int) -> bool:
 def _a_sheet_of_paper(light: np.ndarray) -> bool:
     """Does the photo's `light` part hold paper, not light strokes? A stroke is thin and inside the frame.
     Paper is a light region at least a fifth of the shorter side across that
-    - runs along the frame's edge for over a third of its shorter side (a lit part of a shaded page);
+    - runs along the frame's edge for over a third of its shorter side and is wide, a tenth of that side
+      (the lit part of a shaded page; a light stroke on the edge is thin);
     - or has writing on it: the dark holes in it are long, thin strokes (the longest 9 times as long as
       wide, their width under 0.35 of the region's), not the round holes of a bold light 0, 6, 8 or 9;
     - or has some writing on it and nearly fills the smallest rectangle around it at any angle
@@ -1548,7 +1549,7 @@ def _a_sheet_of_paper(light: np.ndarray) -> bool:
         mine = labels[box] == i
         along = ((rows.start == 0) * mine[0].sum() + (rows.stop == h) * mine[-1].sum()
                  + (cols.start == 0) * mine[:, 0].sum() + (cols.stop == w) * mine[:, -1].sum())
-        if along > short / 3:
+        if along > short / 3 and stroke_width(mine) >= 0.1 * short:  # (a chalk stroke on the edge is thin)
             return True
         filled = ndimage.binary_fill_holes(mine)  # with the writing on it
         holes = filled & ~light[box]  # (not the light inside a written 0)
@@ -1789,32 +1790,35 @@ def off_the_paper(grey: np.ndarray) -> np.ndarray:
     A grey closing 4% of the shorter side wide takes away the pen's strokes; Otsu's level then splits what is
     left into paper and darker things. The darker part is a desk if it is
     - clearly darker, under DESK_DARKER of the paper's brightness;
-    - sharply bordered, as a page's edge is (the pixels halfway between the two levels lie within about 1%
-      of the shorter side of the border); a shadow's edge is soft, and its dark side is paper;
-    - wide (what an opening of 3% of the shorter side leaves: not a marker's stroke), and seen around the
+    - sharply bordered, as a page's edge is: the pixels halfway between the two levels, wherever they are,
+      number under 1% of the shorter side per pixel of the border (a shadow's soft edge has many, and its
+      dark side is paper);
+    - wide (what an opening of 3% of the shorter side in radius leaves: nothing under about 6% wide, such as
+      a marker's stroke, and the frame's corners lose as much), and seen around the
       paper: along a third of two sides of the frame or more (a corner, or all around a note); in all, at
       least 2% of the frame. (A table along one side is `drop_frame_edge`'s: it cuts along the page's
-      straight edge, and keeps a digit standing on the table.)
+      straight edge, and keeps a digit standing on the table. One reaching over a third of the way in
+      also runs along two more sides, and counts as a desk.)
     The mask reaches 1% of the shorter side into the paper, over the paper's edge."""
     short = min(grey.shape)
     closed = ndimage.grey_closing(grey, size=max(3, round(0.04 * short)))
     level = otsu_level(closed.ravel())
     dark = closed <= level
-    none = np.zeros_like(dark)
+    no_desk = np.zeros_like(dark)
     if not 0.02 <= dark.mean() < 1:
-        return none
+        return no_desk
     paper_level, dark_level = float(closed[~dark].mean()), float(closed[dark].mean())
     border = dark & ~ndimage.binary_erosion(dark, border_value=1)  # (the frame's edge is no border)
     halfway = np.abs(closed - (paper_level + dark_level) / 2) < 0.25 * (paper_level - dark_level)
     if dark_level > DESK_DARKER * paper_level or halfway.sum() > 0.012 * short * max(1, border.sum()):
-        return none
+        return no_desk
     reach = max(1, round(0.03 * short))
     labels, _ = ndimage.label(ndimage.binary_opening(dark, iterations=reach))
     sides = [labels[0], labels[-1], labels[:, 0], labels[:, -1]]
     along = sum(np.bincount(side, minlength=labels.max() + 1) >= len(side) / 3 for side in sides)
     desk = np.isin(labels, np.nonzero(along[1:] >= 2)[0] + 1)
     if desk.mean() < 0.02:
-        return none
+        return no_desk
     # Back to the photo itself, where the paper between the desk and a digit near it is light again: the
     # desk is what is dark there, joined to what the opening kept, and near it (its thin corners, the
     # ends of the printed lines that run into it).
@@ -2134,7 +2138,8 @@ def preprocess(image, steps: bool = False):
 
 def group_digits(parts: list[dict]) -> list[list[dict]]:
     """Pieces of ink in a row -> digits, left to right: pieces that overlap sideways are one digit
-    (the flag of a 5 above its body, the two strokes of a 4). Digits written on one line are about
+    (the flag of a 5 above its body, the two strokes of a 4), and so are neighbouring pieces one above the
+    other (`_one_above_the_other`). Digits written on one line are about
     equally tall, so a group under half the row's typical height (a speck, a scrap of a line or of the
     table's edge) or over three times it (a margin line down the page) is not a digit and is left out."""
     height = np.median([p["box"][2] - p["box"][0] for p in parts])
