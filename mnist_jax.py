@@ -2089,7 +2089,7 @@ def find_page(image, stages: dict) -> tuple[np.ndarray, float | None]:
     if not inverted:  # (a board's light ink has no paper around it)
         contrast = np.where(off_the_paper(grey), np.nan, contrast)
     contrast = drop_frame_edge(contrast, wide)
-    stages["frame's edge dropped"] = np.nan_to_num(contrast)
+    stages["desk, frame's edge dropped"] = np.nan_to_num(contrast)
     contrast, angle = remove_lines(contrast)
     stages["lines removed"] = contrast
     return contrast, angle

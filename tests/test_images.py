@@ -349,7 +349,7 @@ def test_the_margin_line_of_ruled_paper_is_taken_out_and_a_1_filling_the_frame_i
     digit, steps = mnist_jax.preprocess(page.astype(np.uint8), steps=True)
     margin = round(151 * steps["lines removed"].shape[1] / page.shape[1])  # (the photo was made smaller)
     near = (slice(None), slice(margin - 4, margin + 5))
-    assert np.percentile(steps["lines removed"][near], 90) < 0.3 * np.percentile(steps["frame's edge dropped"][near], 90)
+    assert np.percentile(steps["lines removed"][near], 90) < 0.3 * np.percentile(steps["desk, frame's edge dropped"][near], 90)
     assert mnist_jax.predict_digit(page.astype(np.uint8), mnist_jax.load_params(font_model)) == 6
     one = np.full((120, 60), 230, np.uint8)  # a 1 from top to bottom of a tight crop, on plain paper
     one[2:-2, 28:33] = 30
