@@ -1570,6 +1570,11 @@ def _a_sheet_of_paper(light: np.ndarray) -> bool:
     return False
 
 
+def _frame_sides(image: np.ndarray) -> list[np.ndarray]:
+    """The image's outermost rows and columns: top, bottom, left, right."""
+    return [image[0], image[-1], image[:, 0], image[:, -1]]
+
+
 def _edge(mask: np.ndarray) -> np.ndarray:
     """The mask's pixels that touch its outside."""
     return mask & ~ndimage.binary_erosion(mask)
@@ -1591,7 +1596,7 @@ def paper_window(contrast: np.ndarray) -> int:
     window) that do not touch the frame, where the vignette or the table would count as wide strokes."""
     strong = contrast > 0.5 * np.percentile(contrast, 99.5)
     labels, _ = ndimage.label(strong, structure=np.ones((3, 3)))
-    inner = strong & ~np.isin(labels, np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    inner = strong & ~np.isin(labels, np.concatenate(_frame_sides(labels)))
     side = min(contrast.shape)
     width = stroke_width(inner if inner.sum() >= 20 else strong)  # (a digit touching the frame: all of it)
     return max(3, int(np.clip(3 * width, 0.06 * side, side / 3)))
@@ -1814,8 +1819,7 @@ def off_the_paper(grey: np.ndarray) -> np.ndarray:
         return no_desk
     reach = max(1, round(0.03 * short))
     labels, _ = ndimage.label(ndimage.binary_opening(dark, iterations=reach))
-    sides = [labels[0], labels[-1], labels[:, 0], labels[:, -1]]
-    along = sum(np.bincount(side, minlength=labels.max() + 1) >= len(side) / 3 for side in sides)
+    along = sum(np.bincount(side, minlength=labels.max() + 1) >= len(side) / 3 for side in _frame_sides(labels))
     desk = np.isin(labels, np.nonzero(along[1:] >= 2)[0] + 1)
     if desk.mean() < 0.02:
         return no_desk
@@ -1909,7 +1913,7 @@ def ink_parts(mask: np.ndarray, contrast: np.ndarray) -> list[dict]:
     # A piece cut by the frame along a tenth of its side or more is the table, a shadow, the page's edge
     # (a stroke that runs off the frame is cut along its width only): dropped, unless nothing else is left.
     long_cut = set()
-    for band in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
+    for band in _frame_sides(labels):
         cut_here = np.bincount(band, minlength=len(parts) + 1)[1:]
         long_cut.update(np.nonzero(cut_here >= 0.1 * len(band))[0] + 1)
     if len(long_cut) < len(parts):
@@ -2015,7 +2019,7 @@ def with_faint_strokes(group: list[dict], contrast: np.ndarray) -> np.ndarray:
     index = np.arange(1, n + 1)
     stroke = np.concatenate([[False], (ndimage.maximum(near, labels, index) >= FAINT_STROKE * digit_ink) &
                              (np.bincount(labels.ravel(), minlength=n + 1)[1:] >= max(3, 0.02 * seed.sum()))])
-    stroke[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = False  # runs out of the window
+    stroke[np.concatenate(_frame_sides(labels))] = False  # runs out of the window
     grown = seed
     for _ in range(3):
         close = ndimage.maximum_filter(grown, size=2 * max(1, round(0.15 * size)) + 1)  # a square around it
