@@ -1795,9 +1795,9 @@ def off_the_paper(grey: np.ndarray) -> np.ndarray:
     A grey closing 4% of the shorter side wide takes away the pen's strokes; Otsu's level then splits what is
     left into paper and darker things. The darker part is a desk if it is
     - clearly darker, under DESK_DARKER of the paper's brightness;
-    - sharply bordered, as a page's edge is: the pixels halfway between the two levels, wherever they are,
-      number under 1% of the shorter side per pixel of the border (a shadow's soft edge has many, and its
-      dark side is paper);
+    - sharply bordered, as a page's edge is: the pixels halfway between the two levels, on the paper's
+      side within twice the opening's reach of it, number under 1.2% of the shorter side per pixel of the
+      border (a shadow's soft edge has many, and its dark side is paper);
     - wide (what an opening of 3% of the shorter side in radius leaves: nothing under about 6% wide, such as
       a marker's stroke, and the frame's corners lose as much), and seen around the
       paper: along a third of two sides of the frame or more (a corner, or all around a note); in all, at
@@ -1806,22 +1806,30 @@ def off_the_paper(grey: np.ndarray) -> np.ndarray:
       also runs along two more sides, and counts as a desk.)
     The mask reaches 1% of the shorter side into the paper, over the paper's edge."""
     short = min(grey.shape)
-    closed = ndimage.grey_closing(grey, size=max(3, round(0.04 * short)))
+    size = max(3, round(0.04 * short))
+    closed = ndimage.grey_closing(grey, size=size)
     level = otsu_level(closed.ravel())
     dark = closed <= level
     no_desk = np.zeros_like(dark)
     if not 0.02 <= dark.mean() < 1:
         return no_desk
     paper_level, dark_level = float(closed[~dark].mean()), float(closed[dark].mean())
-    border = dark & ~ndimage.binary_erosion(dark, border_value=1)  # (the frame's edge is no border)
-    halfway = np.abs(closed - (paper_level + dark_level) / 2) < 0.25 * (paper_level - dark_level)
-    if dark_level > DESK_DARKER * paper_level or halfway.sum() > 0.012 * short * max(1, border.sum()):
+    if dark_level > DESK_DARKER * paper_level:
         return no_desk
     reach = max(1, round(0.03 * short))
     labels, _ = ndimage.label(ndimage.binary_opening(dark, iterations=reach))
     along = sum(np.bincount(side, minlength=labels.max() + 1) >= len(side) / 3 for side in _frame_sides(labels))
     desk = np.isin(labels, np.nonzero(along[1:] >= 2)[0] + 1)
     if desk.mean() < 0.02:
+        return no_desk
+    # Sharply bordered? Counted just beside the desk, on the paper's side, and after a grey opening as
+    # well: a pale desk's broad light grain lies halfway between the two levels too, but inside the desk.
+    smooth = ndimage.grey_opening(closed, size=size)
+    solid = ndimage.binary_fill_holes(ndimage.binary_closing(desk, iterations=reach, border_value=1))
+    border = solid & ~ndimage.binary_erosion(solid, border_value=1)  # (the frame's edge is no border)
+    beside = ndimage.binary_dilation(solid, iterations=2 * reach) & ~solid
+    halfway = np.abs(smooth - (paper_level + dark_level) / 2) < 0.25 * (paper_level - dark_level)
+    if (halfway & beside).sum() > 0.012 * short * max(1, border.sum()):
         return no_desk
     # Back to the photo itself, where the paper between the desk and a digit near it is light again: the
     # desk is what is dark there, joined to what the opening kept, and near it (its thin corners, the
