@@ -1933,8 +1933,44 @@ def ink_parts(mask: np.ndarray, contrast: np.ndarray) -> list[dict]:
         parts = [p for p in parts if p["label"] not in outlines]
     biggest = max(p["area"] for p in parts)
     side = max(max(p["box"][2] - p["box"][0], p["box"][3] - p["box"][1]) for p in parts)
-    return [p for p in parts if p["area"] >= max(3, 0.03 * biggest) and
-            max(p["box"][2] - p["box"][0], p["box"][3] - p["box"][1]) >= 0.1 * side]
+    parts = [p for p in parts if p["area"] >= max(3, 0.03 * biggest) and
+             max(p["box"][2] - p["box"][0], p["box"][3] - p["box"][1]) >= 0.1 * side]
+    edges = _page_edges(parts, labels)
+    return [p for p in parts if p["label"] not in edges] if len(edges) < len(parts) else parts
+
+
+def _page_edges(parts: list[dict], labels: np.ndarray) -> set[int]:
+    """The labels of the pieces that are an edge, not a digit: what is left of the page's edge once the
+    table beyond it went (a thin dark line where the two meet), the edge of a sheet under the page, a fold.
+    - A piece that the frame cuts in two places half the shorter side apart or more runs across the photo
+      (a digit that the frame cuts runs off it in one place).
+    - A straight line within 20 degrees of a side and 0.6 of that side long or more (its ink within 3% of
+      its length of the line through it), if the other pieces have a quarter of its ink: a 1 that fills a
+      tight crop, alone or with a speck, stays."""
+    h, w = labels.shape
+    rows, cols = np.nonzero(labels)
+    on_frame = (rows == 0) | (rows == h - 1) | (cols == 0) | (cols == w - 1)
+    rows, cols, ids = rows[on_frame], cols[on_frame], labels[rows[on_frame], cols[on_frame]]
+    across, lines = set(), set()
+    for p in parts:
+        mine = ids == p["label"]
+        if mine.sum() >= 2 and np.hypot(np.ptp(rows[mine]), np.ptp(cols[mine])) >= 0.5 * min(h, w):
+            across.add(p["label"])
+            continue
+        top, left, bottom, right = p["box"]
+        if max(bottom - top, right - left) < 0.6 * min(h, w):
+            continue
+        points = np.argwhere(labels[top:bottom, left:right] == p["label"]).astype(float)
+        spread, directions = np.linalg.eigh(np.cov(points.T))  # the line's direction: the largest spread
+        down, sideways = np.abs(directions[:, 1])
+        length = np.ptp(points @ directions[:, 1])
+        along_a_side = (sideways >= np.cos(np.radians(20)) and length >= 0.6 * w or
+                        down >= np.cos(np.radians(20)) and length >= 0.6 * h)
+        if along_a_side and np.sqrt(max(spread[0], 0)) <= 0.03 * length:
+            lines.add(p["label"])
+    ink = lambda labels_: sum(p["area"] for p in parts if p["label"] in labels_)
+    others = {p["label"] for p in parts} - across - lines
+    return across | lines if ink(others) >= 0.25 * ink(lines) else across
 
 
 def _outline_around_ink(part: dict, parts: list[dict], boxes: np.ndarray, areas: np.ndarray,
