@@ -751,6 +751,14 @@ def test_two_round_digits_touching_are_cut_in_two_not_three():
     assert len(mnist_jax.split_wide(touching_zeros(3), height=40)) == 3
 
 
+def test_a_wide_0_in_a_row_stays_one_digit():
+    # A 0 as wide as it is tall, and a little taller than the row's typical digit: 1.3 times that height
+    # wide. Taken for two touching digits at 1.2, it was read as "62" (the fourth generator's rows: 141 of
+    # 200 read exactly at 1.2, 161 at 1.4).
+    wide_zero = oval_contrast((42, 52), (20.5, 25.5), (21, 26))
+    assert len(mnist_jax.split_wide(wide_zero, height=40)) == 1
+
+
 def oval_contrast(shape, centre, radii):
     """Contrast (0 paper, 0.8 ink) of an oval ring, a 0 with a stroke a tenth of its width."""
     rows, cols = np.mgrid[:shape[0], :shape[1]]
