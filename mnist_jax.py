@@ -1796,9 +1796,12 @@ def off_the_paper(grey: np.ndarray) -> np.ndarray:
     A grey closing 4% of the shorter side wide takes away the pen's strokes; Otsu's level then splits what is
     left into paper and darker things. The darker part is a desk if it is
     - clearly darker, under DESK_DARKER of the paper's brightness;
-    - sharply bordered, as a page's edge is: the pixels halfway between the two levels, on the paper's
-      side within twice the opening's reach of it, number under 1.2% of the shorter side per pixel of the
-      border (a shadow's soft edge has many, and its dark side is paper);
+    - sharply bordered, as a page's edge is: beside the desk (closed over its grain), on the paper's side
+      within twice the opening's reach, the pixels halfway between the two levels number under 1.2% of the
+      shorter side per pixel of the border. They are counted in a copy opened as well as closed, from
+      which a pale desk's broad light grain is gone. Only the paper's half of an edge counts, so an edge
+      that goes from dark to light within about 5% of the shorter side is sharp; a shadow's is softer,
+      and its dark side is paper;
     - wide (what an opening of 3% of the shorter side in radius leaves: nothing under about 6% wide, such as
       a marker's stroke, and the frame's corners lose as much), and seen around the
       paper: along a third of two sides of the frame or more (a corner, or all around a note); in all, at
@@ -1826,7 +1829,7 @@ def off_the_paper(grey: np.ndarray) -> np.ndarray:
     # Sharply bordered? Counted just beside the desk, on the paper's side, and after a grey opening as
     # well: a pale desk's broad light grain lies halfway between the two levels too, but inside the desk.
     smooth = ndimage.grey_opening(closed, size=size)
-    solid = ndimage.binary_fill_holes(ndimage.binary_closing(desk, iterations=reach, border_value=1))
+    solid = ndimage.binary_closing(desk, iterations=reach, border_value=1)  # (the grain's light streaks closed)
     border = solid & ~ndimage.binary_erosion(solid, border_value=1)  # (the frame's edge is no border)
     beside = ndimage.binary_dilation(solid, iterations=2 * reach) & ~solid
     halfway = np.abs(smooth - (paper_level + dark_level) / 2) < 0.25 * (paper_level - dark_level)
@@ -1943,20 +1946,27 @@ def ink_parts(mask: np.ndarray, contrast: np.ndarray) -> list[dict]:
 def _page_edges(parts: list[dict], labels: np.ndarray) -> set[int]:
     """The labels of the pieces that are an edge, not a digit: what is left of the page's edge once the
     table beyond it went (a thin dark line where the two meet), the edge of a sheet under the page, a fold.
-    - A piece that the frame cuts in two places half the shorter side apart or more runs across the photo
-      (a digit that the frame cuts runs off it in one place).
-    - A straight line within 20 degrees of a side and 0.6 of that side long or more (its ink within 3% of
-      its length of the line through it), if the other pieces have a quarter of its ink: a 1 that fills a
-      tight crop, alone or with a speck, stays."""
+    An edge is at least twice as long as the other pieces are (as their median: a digit of a row, or one
+    filling a tight crop, is not), and they have a tenth of its ink or more (a 1 with a speck stays). It is
+    - a piece that touches two sides of the frame, where it touches them spanning half the photo's longer
+      side or more: it runs across the photo (a digit that the frame cuts runs off it in one place); or
+    - a straight line within 20 degrees of a side and 0.6 of that side long or more: its ink's spread
+      across the line (root mean square) is under 3% of its length."""
     h, w = labels.shape
-    rows, cols = np.nonzero(labels)
-    on_frame = (rows == 0) | (rows == h - 1) | (cols == 0) | (cols == w - 1)
-    rows, cols, ids = rows[on_frame], cols[on_frame], labels[rows[on_frame], cols[on_frame]]
-    across, lines = set(), set()
+    size = {p["label"]: max(p["box"][2] - p["box"][0], p["box"][3] - p["box"][1]) for p in parts}
+    sides = [(labels[0], [(0, c) for c in range(w)]), (labels[-1], [(h - 1, c) for c in range(w)]),
+             (labels[:, 0], [(r, 0) for r in range(h)]), (labels[:, -1], [(r, w - 1) for r in range(h)])]
+    edges = set()
     for p in parts:
-        mine = ids == p["label"]
-        if mine.sum() >= 2 and np.hypot(np.ptp(rows[mine]), np.ptp(cols[mine])) >= 0.5 * min(h, w):
-            across.add(p["label"])
+        others = [q for q in parts if q is not p]
+        if (not others or size[p["label"]] < 2 * np.median([size[q["label"]] for q in others])
+                or sum(q["area"] for q in others) < 0.1 * p["area"]):
+            continue
+        touched = [np.array(where)[side == p["label"]] for side, where in sides]
+        contacts = np.concatenate(touched)
+        if (sum(len(t) > 0 for t in touched) >= 2
+                and np.hypot(*np.ptp(contacts, axis=0)) >= 0.5 * max(h, w)):
+            edges.add(p["label"])
             continue
         top, left, bottom, right = p["box"]
         if max(bottom - top, right - left) < 0.6 * min(h, w):
@@ -1968,10 +1978,8 @@ def _page_edges(parts: list[dict], labels: np.ndarray) -> set[int]:
         along_a_side = (sideways >= np.cos(np.radians(20)) and length >= 0.6 * w or
                         down >= np.cos(np.radians(20)) and length >= 0.6 * h)
         if along_a_side and np.sqrt(max(spread[0], 0)) <= 0.03 * length:
-            lines.add(p["label"])
-    ink = lambda labels_: sum(p["area"] for p in parts if p["label"] in labels_)
-    others = {p["label"] for p in parts} - across - lines
-    return across | lines if ink(others) >= 0.25 * ink(lines) else across
+            edges.add(p["label"])
+    return edges
 
 
 def _outline_around_ink(part: dict, parts: list[dict], boxes: np.ndarray, areas: np.ndarray,
@@ -2282,7 +2290,7 @@ def split_wide(ink: np.ndarray, height: float) -> list[np.ndarray]:
     at the emptiest columns, into as many digits as DIGIT_WIDTH says fit. A single 0 or 2 may be written as
     wide as it is tall, and a little taller than the row's typical digit."""
     h, w = ink.shape
-    count = int(round(w / (DIGIT_WIDTH * height)))
+    count = int(round(w / (DIGIT_WIDTH * height)))  # (at least 2 once w reaches TOUCHING * height)
     if count < 2 or w < TOUCHING * height:
         return [ink]
     columns = ndimage.uniform_filter1d(ink.sum(axis=0), 3)

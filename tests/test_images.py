@@ -581,6 +581,10 @@ def test_a_shadow_a_bold_stroke_or_a_table_along_one_side_is_not_a_desk():
     ink = np.asarray(Image.fromarray(render(8, 40, seed=1)).resize((100, 100), Image.BICUBIC)) / 255
     shaded[100:200, 60:160] *= 1 - 0.85 * ink  # a digit in the shadow
     assert not mnist_jax.off_the_paper(shaded).any()
+    lit = np.zeros((h, w))
+    lit[80:240, 100:320] = 1
+    vignette = page * (0.3 + 0.7 * ndimage.gaussian_filter(lit, 15))  # dark all around the page, softly
+    assert not mnist_jax.off_the_paper(vignette).any()
     marker = page.copy()
     marker[:160, :16] = 0.1  # a marker's strokes 5% of the side wide, in the corner along two sides
     marker[:16, :200] = 0.1
