@@ -573,6 +573,16 @@ def test_a_page_edge_left_across_the_photo_is_not_the_digit(font_model):
         assert right >= 7, (side_to_side, right)
 
 
+def test_a_digit_of_a_tight_row_crop_touching_top_and_bottom_is_not_an_edge():
+    # The frame cuts a 1 at the top and the bottom of a row cropped tightly: it does not run across the
+    # photo, and is no longer than the row's other digits. (A first version of _page_edges dropped it.)
+    ink = np.zeros((60, 200), bool)
+    ink[0:60, 20:24] = True  # a 1 from the top to the bottom
+    ink[10:50, 60:64] = ink[10:14, 60:90] = ink[46:50, 60:90] = True  # a C
+    ink[8:52, 120:124] = ink[8:52, 150:154] = ink[28:32, 120:154] = True  # an H
+    assert len(mnist_jax.ink_parts(ink, ink * 0.8)) == 3
+
+
 def test_a_shadow_a_bold_stroke_or_a_table_along_one_side_is_not_a_desk():
     h, w = 320, 420
     y, x = np.mgrid[:h, :w]
