@@ -2046,7 +2046,7 @@ def pixels_of(parts: list[dict]) -> np.ndarray:
     return np.isin(parts[0]["labels"], [p["label"] for p in parts])
 
 
-def with_faint_strokes(group: list[dict], contrast: np.ndarray) -> np.ndarray:
+def with_faint_strokes(group: list[dict], contrast: np.ndarray, kept: list[dict] = ()) -> np.ndarray:
     """The digit's pixels (a mask): the pieces of its group, and the fainter pieces of ink beside them
     (and its own strokes' soft edges, down to a tenth of its ink).
 
@@ -2056,8 +2056,9 @@ def with_faint_strokes(group: list[dict], contrast: np.ndarray) -> np.ndarray:
     find at all is judged again, against the digit's own ink: a piece joins if it is darker than the
     paper's grain and a tenth of the digit's ink, reaches FAINT_STROKE of it somewhere, has at least 2%
     as many pixels as the digit (and 3), and comes within 15% of the digit's size of it, across or down
-    (up to three rounds, as pieces join). What `find_ink` found but was left out (a box drawn around
-    the digit, a neighbour, a speck) stays out. A piece that runs out of the digit's surroundings (its
+    (up to three rounds, as pieces join). What `find_ink` found and left out stays out if it is another
+    piece that was `kept` (a neighbour in a row) or bigger than the digit (a box drawn around it, the
+    table): a scrap dropped as a speck may be a piece of a faded pencil stroke, and may join. A piece that runs out of the digit's surroundings (its
     size around it) is a shadow's edge or a line, not a stroke; and if the digit would grow to over
     1.6 times its size, nothing joins."""
     mine = pixels_of(group)
@@ -2065,7 +2066,10 @@ def with_faint_strokes(group: list[dict], contrast: np.ndarray) -> np.ndarray:
     size = max(bottom - top, right - left)
     window = (slice(max(0, top - size), bottom + size), slice(max(0, left - size), right + size))
     near, seed = np.nan_to_num(contrast[window]), mine[window]
-    judged = ndimage.binary_dilation((group[0]["labels"][window] > 0) & ~seed, iterations=2)  # with their rims
+    found = group[0]["labels"][window]
+    others = [p["label"] for p in kept if p not in group]
+    stays_out = (np.isin(found, others) | (np.bincount(found.ravel())[found] > seed.sum())) & (found > 0) & ~seed
+    judged = ndimage.binary_dilation(stays_out, iterations=2)  # with their rims
     digit_ink = float(np.percentile(near[seed], 90))
     faint = (near > max(paper_grain(contrast), 0.1 * digit_ink)) & ~judged
     labels, n = ndimage.label(faint, structure=np.ones((3, 3)))
@@ -2169,7 +2173,7 @@ def one_digit(parts: list[dict], contrast: np.ndarray, angle: float | None, stag
     """Steps 5-6 for one digit: keep the main group of strokes, cut it out, strokes like MNIST's, 28x28."""
     grey = stages["grey, small"]
     parts = [g[0] for g in on_the_page([[p] for p in parts], grey, float(np.percentile(grey, 90)))]
-    ink = cut_out(with_faint_strokes(keep_digit(parts), contrast), contrast, angle)
+    ink = cut_out(with_faint_strokes(keep_digit(parts), contrast, parts), contrast, angle)
     stages["digit"] = ink
     ink = normalise_strokes(ink)
     stages["strokes like MNIST's"] = ink
@@ -2355,7 +2359,7 @@ def digits_in_a_row(parts: list[dict], contrast: np.ndarray, angle: float | None
         groups = on_the_page(group_digits(parts), stages["grey, small"])
     height = np.median([_height(g) for g in groups])
     for group in groups:
-        ink = cut_out(with_faint_strokes(group, contrast), contrast, angle)
+        ink = cut_out(with_faint_strokes(group, contrast, parts), contrast, angle)
         for piece in split_wide(ink, height):
             digits.append(fit_28x28(normalise_strokes(piece)))
         boxes.append(_union([p["box"] for p in group]))

@@ -695,6 +695,31 @@ def test_a_faint_piece_of_a_stroke_rejoins_its_digit_and_lines_smudges_and_boxes
     assert not after[33, 90] and not after[80, 132]  # no box
 
 
+def test_a_stroke_broken_into_dark_scraps_rejoins_its_digit_but_a_neighbour_does_not():
+    # A pencil skips on the paper's grain: the lower half of a 7's stem comes out as dark dots, each too
+    # small beside the digit to be kept as a piece of its own (`ink_parts` drops them as specks), and
+    # `with_faint_strokes` kept out everything `find_ink` had found: the 7 lost its lower stem. A speck
+    # as dark but 20 px off (more than 15% of the digit's size) stays out, and so does a neighbour.
+    contrast = np.random.default_rng(0).uniform(0, 0.01, (200, 260)).astype(np.float32)
+    canvas = Image.new("L", (260, 200), 0)
+    draw = ImageDraw.Draw(canvas)
+    draw.line([(60, 40), (110, 40)], fill=255, width=4)  # the 7's top
+    draw.line([(108, 42), (96, 80)], fill=255, width=3)  # its stem's upper half
+    for k in range(1, 5):  # its lower part: dots 3 px wide, 5 px apart
+        x, y = 96 - 2 * k, 80 + 5 * k
+        draw.ellipse([x - 1.5, y - 1.5, x + 1.5, y + 1.5], fill=255)
+    draw.ellipse([108, 98, 111, 101], fill=255)  # a speck 20 px right of the stem
+    draw.line([(170, 40), (170, 118)], fill=255, width=4)  # the next digit of a row: a 1
+    np.maximum(contrast, 0.9 * np.asarray(canvas, np.float32) / 255, out=contrast)
+    parts = mnist_jax.ink_parts(mnist_jax.find_ink(contrast), contrast)
+    seven = [p for p in parts if p["box"][1] < 150]
+    before, after = mnist_jax.pixels_of(seven), mnist_jax.with_faint_strokes(seven, contrast, parts)
+    assert before[60, 102] and not before[90, 92] and not before[100, 88]  # the dots were dropped as specks
+    assert after[85, 94] and after[90, 92] and after[95, 90] and after[100, 88]  # the whole stem now
+    assert not after[99, 109]  # no speck
+    assert not after[80, 170]  # no neighbour
+
+
 @pytest.mark.parametrize("what", ["a dark table beyond a slanted page edge", "a round shadow cut by the frame"])
 def test_a_faint_pencil_digit_beside_what_the_frame_cuts_is_found(font_model, what):
     page = notebook_page().astype(np.float32)
