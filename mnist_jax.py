@@ -2197,12 +2197,14 @@ def preprocess(image, steps: bool = False):
     return (result, stages) if steps else result
 
 
-def group_digits(parts: list[dict]) -> list[list[dict]]:
+def group_digits(parts: list[dict], contrast: np.ndarray | None = None) -> list[list[dict]]:
     """Pieces of ink in a row -> digits, left to right: pieces that overlap sideways are one digit
     (the flag of a 5 above its body, the two strokes of a 4), and so are neighbouring pieces one above the
     other (`_one_above_the_other`). Digits written on one line are about
     equally tall, so a group under half the row's typical height (a speck, a scrap of a line or of the
-    table's edge) or over three times it (a margin line down the page) is not a digit and is left out."""
+    table's edge) or over three times it (a margin line down the page) is not a digit and is left out.
+    Given the `contrast`, a short group is first grown by its faint strokes (`with_faint_strokes`): a
+    thin pen's digit that faded to pieces is a short scrap until they rejoin it."""
     height = np.median([p["box"][2] - p["box"][0] for p in parts])
     # Only pieces on the row's line: their vertical middle near the middle of the tall pieces' ink (a
     # median weighted by area, so that many scraps, such as a broken margin line, do not outvote digits).
@@ -2215,6 +2217,9 @@ def group_digits(parts: list[dict]) -> list[list[dict]]:
     groups = _one_above_the_other(_side_by_side(parts))
     heights = [_height(g) for g in groups]
     typical = np.median(heights)
+    if contrast is not None:
+        heights = [h if h >= 0.5 * typical else int(np.ptp(np.nonzero(with_faint_strokes(g, contrast, parts))[0])) + 1
+                   for g, h in zip(groups, heights)]
     return [g for g, h in zip(groups, heights) if 0.5 * typical <= h <= 3 * typical]
 
 
@@ -2349,14 +2354,14 @@ def digits_in_a_row(parts: list[dict], contrast: np.ndarray, angle: float | None
     """Steps 5-6 for a row: the pieces grouped into digits left to right, each cut out and fitted to 28x28.
     Returns ([28x28 arrays], [boxes (top, left, bottom, right) in the shrunk photo's pixels])."""
     digits, boxes = [], []
-    groups = on_the_page(group_digits(parts), stages["grey, small"])
+    groups = on_the_page(group_digits(parts, contrast), stages["grey, small"])
     kept = np.isin(parts[0]["labels"], [p["label"] for g in groups for p in g])
     fainter = fainter_digits(groups, kept, contrast)
     if fainter.any():
         mask = (parts[0]["labels"] > 0) | fainter
         stages["ink"] = mask.astype(np.float32)
         parts = ink_parts(mask, contrast)
-        groups = on_the_page(group_digits(parts), stages["grey, small"])
+        groups = on_the_page(group_digits(parts, contrast), stages["grey, small"])
     height = np.median([_height(g) for g in groups])
     for group in groups:
         ink = cut_out(with_faint_strokes(group, contrast, parts), contrast, angle)

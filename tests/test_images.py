@@ -872,6 +872,27 @@ def test_a_faint_piece_of_a_stroke_rejoins_its_digit_in_a_row_too():
     assert tall > wide, (tall, wide)
 
 
+def test_a_digit_that_broke_into_scraps_is_still_a_digit_of_its_row():
+    # "171": a pencil skipped down the 7's stem, leaving dark dots below its middle. Each dot is a speck
+    # beside the row's digits (`ink_parts` drops them), so the 7 was its bar and half a stem, under half
+    # the row's height: group_digits left it out as a scrap, and two digits were read.
+    photo = np.full((200, 360), 0.9, np.float32) + np.random.default_rng(0).normal(0, 0.004, (200, 360))
+    canvas = Image.new("L", (360, 200), 0)
+    draw = ImageDraw.Draw(canvas)
+    draw.line([(60, 40), (60, 120)], fill=255, width=4)  # the 1
+    draw.line([(130, 40), (180, 40)], fill=255, width=4)  # the 7's bar
+    draw.line([(178, 42), (170, 75)], fill=255, width=3)  # the upper half of its stem
+    for k in range(1, 6):  # the lower half: dots 2 px wide, 6 px apart
+        x, y = 170 - 1.2 * k, 75 + 6 * k
+        draw.ellipse([x - 1, y - 1, x + 1, y + 1], fill=255)
+    draw.line([(260, 40), (260, 120)], fill=255, width=4)  # the last 1
+    photo *= 1 - 0.9 * np.asarray(canvas, np.float32) / 255
+    digits, boxes = mnist_jax.split_digits(photo.astype(np.float32))
+    assert len(digits) == 3
+    top, left, bottom, right = boxes[1]
+    assert left < 140 < 170 < right  # the 7, found from its bar
+
+
 def test_the_two_pieces_of_a_broken_slanted_1_are_one_digit():
     # "717": the 1's stroke fades out in its middle, and its halves share under half their width (it slants),
     # so they were two groups: four digits in all.
