@@ -1466,6 +1466,7 @@ TOUCHING = 1.4  # a piece this many times a row's digit height wide is touching 
 MARGIN_LINE = 0.06  # a lone printed line (a margin) must stand this far above the paper (contrast, 0-1)
 LINE_ANGLE = 16  # the page may be turned up to this much (degrees) either way in the photo
 LINE_FAN = 16  # and seen at a slant: its lines' angles may differ this much, top to bottom
+HOLEY = 10  # a piece of ink at the frame's edge with more holes than this is a table's grain, not a digit
 ON_THE_TABLE = 0.35  # a digit's box whose brightest tenth is under this share of the paper's is on the table
 DESK_DARKER = 0.7  # a desk around the paper is under this share of the paper's brightness
 
@@ -1924,10 +1925,17 @@ def ink_parts(mask: np.ndarray, contrast: np.ndarray) -> list[dict]:
         return []
     # A piece cut by the frame along a tenth of its side or more is the table, a shadow, the page's edge
     # (a stroke that runs off the frame is cut along its width only): dropped, unless nothing else is left.
-    long_cut = set()
+    long_cut, touching = set(), set()
     for band in _frame_sides(labels):
         cut_here = np.bincount(band, minlength=len(parts) + 1)[1:]
         long_cut.update(np.nonzero(cut_here >= 0.1 * len(band))[0] + 1)
+        touching.update(np.nonzero(cut_here)[0] + 1)
+    # So is a piece at the frame riddled with holes: the grain of a dark table, where the table beyond the
+    # page was not all taken out (a digit's strokes leave a few holes: at most 6 in our photos' rows).
+    for i in touching - long_cut:
+        top, left, bottom, right = parts[i - 1]["box"]
+        if _holes(labels[top:bottom, left:right] == i) > HOLEY:
+            long_cut.add(i)
     if len(long_cut) < len(parts):
         parts = [p for p in parts if p["label"] not in long_cut]
     boxes, areas = np.array([p["box"] for p in parts]), np.array([p["area"] for p in parts])
@@ -1941,6 +1949,11 @@ def ink_parts(mask: np.ndarray, contrast: np.ndarray) -> list[dict]:
              max(p["box"][2] - p["box"][0], p["box"][3] - p["box"][1]) >= 0.1 * side]
     edges = _page_edges(parts, labels)
     return [p for p in parts if p["label"] not in edges] if len(edges) < len(parts) else parts
+
+
+def _holes(mask: np.ndarray) -> int:
+    """How many holes a piece of ink (a mask cut to its box) has: pieces of paper it closes all around."""
+    return ndimage.label(~np.pad(mask, 1))[1] - 1  # (less the paper outside it)
 
 
 def _page_edges(parts: list[dict], labels: np.ndarray) -> set[int]:

@@ -695,6 +695,25 @@ def test_a_faint_piece_of_a_stroke_rejoins_its_digit_and_lines_smudges_and_boxes
     assert not after[33, 90] and not after[80, 132]  # no box
 
 
+def test_a_patch_of_a_tables_grain_at_the_frame_is_not_ink_but_a_digit_touching_it_is():
+    # Where the table beyond the page was not all taken out, what is left of its grain at the frame's
+    # edge is one piece of ink riddled with holes, short of the 10% of a side that marks a cut piece:
+    # it was read as one more digit of a row ("980" as "7980"). An 8 cut by the frame has two holes.
+    contrast = np.zeros((200, 400), np.float32)
+    contrast[:18, :36] = 0.8  # a patch at the top left corner, along 18 and 36 px of the frame's sides
+    contrast[3:16:4, 3:34:4] = 0  # with 32 holes
+    contrast[100:110, 150:152] = 0.8  # a speck, so that the patch is not all there is
+    eight = np.zeros((60, 40), bool)
+    eight[:, :] = True
+    eight[8:24, 10:30] = eight[36:52, 10:30] = False  # two loops
+    eight[-4:, :15] = eight[-4:, 25:] = False  # round at the bottom: it touches the edge along 10 px
+    contrast[140:200, 300:340] = 0.8 * eight  # an 8 standing on the frame's bottom edge
+    mask = contrast > 0.4
+    kept = {p["box"] for p in mnist_jax.ink_parts(mask, contrast)}
+    assert (0, 0, 18, 36) not in kept
+    assert (140, 300, 200, 340) in kept
+
+
 def test_a_stroke_broken_into_dark_scraps_rejoins_its_digit_but_a_neighbour_does_not():
     # A pencil skips on the paper's grain: the lower half of a 7's stem comes out as dark dots, each too
     # small beside the digit to be kept as a piece of its own (`ink_parts` drops them as specks), and
