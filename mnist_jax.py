@@ -2184,8 +2184,7 @@ def find_parts(image, contrast: np.ndarray, stages: dict, row: bool = False) -> 
 
 def one_digit(parts: list[dict], contrast: np.ndarray, angle: float | None, stages: dict) -> np.ndarray:
     """Steps 5-6 for one digit: keep the main group of strokes, cut it out, strokes like MNIST's, 28x28."""
-    grey = stages["grey, small"]
-    parts = [g[0] for g in on_the_page([[p] for p in parts], grey, float(np.percentile(grey, 90)))]
+    parts = pieces_on_the_page(parts, stages["grey, small"])
     ink = cut_out(with_faint_strokes(keep_digit(parts), contrast, parts), contrast, angle)
     stages["digit"] = ink
     ink = normalise_strokes(ink)
@@ -2288,6 +2287,12 @@ def on_the_page(groups: list[list[dict]], grey: np.ndarray, typical: float | Non
     return [g for g, b in zip(groups, brightest) if b >= ON_THE_TABLE * typical] or groups
 
 
+def pieces_on_the_page(parts: list[dict], grey: np.ndarray) -> list[dict]:
+    """The pieces of ink that lie on the page (`on_the_page`, each piece judged alone against the photo's
+    brightest tenth, mostly paper): the grain of a dark table is no digit's stroke."""
+    return [g[0] for g in on_the_page([[p] for p in parts], grey, float(np.percentile(grey, 90)))]
+
+
 def _holds(box, other) -> bool:
     """Is the middle of box `other` inside `box`? (Both (top, left, bottom, right).)"""
     row, col = (other[0] + other[2]) / 2, (other[1] + other[3]) / 2
@@ -2367,13 +2372,15 @@ def digits_in_a_row(parts: list[dict], contrast: np.ndarray, angle: float | None
     """Steps 5-6 for a row: the pieces grouped into digits left to right, each cut out and fitted to 28x28.
     Returns ([28x28 arrays], [boxes (top, left, bottom, right) in the shrunk photo's pixels])."""
     digits, boxes = [], []
+    # The table's grain goes before the row's line is found: a wide table has more ink than the row.
+    parts = pieces_on_the_page(parts, stages["grey, small"])
     groups = on_the_page(group_digits(parts, contrast), stages["grey, small"])
     kept = np.isin(parts[0]["labels"], [p["label"] for g in groups for p in g])
     fainter = fainter_digits(groups, kept, contrast)
     if fainter.any():
         mask = (parts[0]["labels"] > 0) | fainter
         stages["ink"] = mask.astype(np.float32)
-        parts = ink_parts(mask, contrast)
+        parts = pieces_on_the_page(ink_parts(mask, contrast), stages["grey, small"])
         groups = on_the_page(group_digits(parts, contrast), stages["grey, small"])
     height = np.median([_height(g) for g in groups])
     for group in groups:

@@ -858,6 +858,22 @@ def row_of(digits: str) -> np.ndarray:
     return paper_photo(np.pad(np.concatenate(parts, axis=1), 30))
 
 
+@pytest.mark.parametrize("seed", [0, 3])
+def test_a_row_above_a_wide_table_is_found_and_the_tables_grain_is_not(seed):
+    # A pencil row on a page whose lower quarter, across the whole frame, is a wooden table: the grain has
+    # more ink than the row, so the row's line was found in the grain, and its patches were read as 8 or
+    # 9 digits. Each piece is now judged on the page or on the table first, as a single digit's are.
+    photo = np.repeat(row_of("4071").astype(np.float32)[..., None], 3, axis=2)
+    photo = 255 - 0.45 * (255 - photo)  # pencil: 45% of the pen's contrast
+    h, w = photo.shape[:2]
+    rows, cols = np.mgrid[:h, :w]
+    table = rows > 0.8 * h - 0.1 * cols * h / w  # its edge slants
+    photo[table] = wooden_desk(h, w, seed, colour=(110, 75, 45))[table]
+    digits, boxes = mnist_jax.split_digits(photo.clip(0, 255).astype(np.uint8))
+    assert len(digits) == 4
+    assert all(bottom < 0.8 * h - 0.1 * h for _, _, bottom, _ in boxes)  # all above the table
+
+
 def test_a_digit_written_fainter_than_its_neighbours_is_still_found():
     # A row's ink is judged against its boldest digit: a digit written with a lighter or thinner pen,
     # under half its contrast, was not ink at all, and "2026" came out as three digits.
