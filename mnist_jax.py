@@ -2226,7 +2226,7 @@ def group_digits(parts: list[dict], contrast: np.ndarray | None = None) -> list[
     # A piece whose box holds the middles of two or more other pieces is drawn around them (the edge of a
     # sticky note or of the page, even where not closed), not a digit: a 0 holds a scrap at most.
     parts = [p for p in parts if sum(_holds(p["box"], q["box"]) for q in parts if q is not p) < 2] or parts
-    groups = _one_above_the_other(_side_by_side(parts))
+    groups = _halves_of_a_ring(_one_above_the_other(_side_by_side(parts)))
     heights = [_height(g) for g in groups]
     typical = np.median(heights)
     if contrast is not None:
@@ -2248,6 +2248,38 @@ def _one_above_the_other(groups: list[list[dict]]) -> list[list[dict]]:
             stacked = min(a[2], b[2]) - max(a[0], b[0]) <= 0.2 * min(a[2] - a[0], b[2] - b[0])  # rows they share
             if (stacked and min(a[2] - a[0], b[2] - b[0]) >= 0.2 * typical
                     and _shared_columns(a, b) >= -0.1 * typical and max(a[2], b[2]) - min(a[0], b[0]) <= 1.5 * typical):
+                merged[-1] = merged[-1] + g
+                continue
+        merged.append(g)
+    return merged
+
+
+def _bulge(group: list[dict]) -> float:
+    """How far (px) the middle third of a group's ink lies right of the midpoint of its top and bottom
+    thirds' ink: < 0 for a '(', > 0 for a ')', about 0 for a straight stroke (a 1, slanted or not)."""
+    top, left, bottom, right = _union([p["box"] for p in group])
+    rows, cols = np.nonzero(pixels_of(group)[top:bottom, left:right])
+    third = np.minimum(3 * rows // (bottom - top), 2)  # 0, 1, 2: the top, middle and bottom third
+    if len(np.unique(third)) < 3:
+        return 0.0
+    upper, middle, lower = (cols[third == k].mean() for k in range(3))
+    return float(middle - (upper + lower) / 2)
+
+
+def _halves_of_a_ring(groups: list[list[dict]]) -> list[list[dict]]:
+    """Neighbouring groups that are the two halves of a 0 are one digit: a faint 0 whose top and bottom
+    faded comes out as a '(' and a ')', side by side over the same rows, each under half the row's typical
+    height wide, close enough to share a fifth of their width, and bulging away from each other (two 1s
+    are straight)."""
+    typical = np.median([_height(g) for g in groups])
+    merged = []
+    for g in groups:
+        if merged:
+            a, b = _union([p["box"] for p in merged[-1]]), _union([p["box"] for p in g])
+            narrow = max(a[3] - a[1], b[3] - b[1]) <= 0.5 * typical
+            shared_rows = min(a[2], b[2]) - max(a[0], b[0]) >= 0.6 * min(a[2] - a[0], b[2] - b[0])
+            close = _shared_columns(a, b) >= 0.2 * min(a[3] - a[1], b[3] - b[1])
+            if narrow and shared_rows and close and _bulge(merged[-1]) < -0.03 * typical < 0.03 * typical < _bulge(g):
                 merged[-1] = merged[-1] + g
                 continue
         merged.append(g)

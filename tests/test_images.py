@@ -928,6 +928,25 @@ def test_a_digit_that_broke_into_scraps_is_still_a_digit_of_its_row():
     assert left < 140 < 170 < right  # the 7, found from its bar
 
 
+def test_the_two_halves_of_a_faded_0_are_one_digit_and_two_close_1s_are_two():
+    # "1101": a slanted pencil 0 whose top and bottom faded away is a '(' and a ')' that share under half
+    # their width, so they were two digits. Two slanted 1s written close share columns too, but are
+    # straight: they stay two.
+    photo = np.full((200, 400), 0.9, np.float32) + np.random.default_rng(0).normal(0, 0.004, (200, 400))
+    canvas = Image.new("L", (400, 200), 0)
+    draw = ImageDraw.Draw(canvas)
+    draw.line([(70, 40), (58, 120)], fill=255, width=4)  # a slanted 1
+    draw.line([(84, 40), (72, 120)], fill=255, width=4)  # and another, close
+    draw.line([(186, 40), (166, 60), (160, 80), (164, 102), (174, 120)], fill=255, width=4, joint="curve")  # (
+    draw.line([(192, 40), (199, 60), (199, 80), (190, 102), (180, 120)], fill=255, width=4, joint="curve")  # )
+    draw.line([(280, 40), (280, 120)], fill=255, width=4)  # the last 1
+    photo *= 1 - 0.9 * np.asarray(canvas, np.float32) / 255
+    digits, boxes = mnist_jax.split_digits(photo.astype(np.float32))
+    assert len(digits) == 4
+    top, left, bottom, right = boxes[2]
+    assert left < 165 and right > 195  # the whole 0
+
+
 def test_the_two_pieces_of_a_broken_slanted_1_are_one_digit():
     # "717": the 1's stroke fades out in its middle, and its halves share under half their width (it slants),
     # so they were two groups: four digits in all.
