@@ -2071,9 +2071,9 @@ def with_faint_strokes(group: list[dict], contrast: np.ndarray, kept: list[dict]
     as many pixels as the digit (and 3), and comes within 15% of the digit's size of it, across or down
     (up to three rounds, as pieces join). What `find_ink` found and left out stays out if it is another
     piece that was `kept` (a neighbour in a row) or bigger than the digit (a box drawn around it, the
-    table): a scrap dropped as a speck may be a piece of a faded pencil stroke, and may join. A piece that runs out of the digit's surroundings (its
-    size around it) is a shadow's edge or a line, not a stroke; and if the digit would grow to over
-    1.6 times its size, nothing joins."""
+    table): a scrap dropped as a speck may be a piece of a faded pencil stroke, and may join. A piece
+    that runs out of the digit's surroundings (its size around it) is a shadow's edge or a line, not a
+    stroke; and if the digit would grow to over 1.6 times its size, nothing joins."""
     mine = pixels_of(group)
     top, left, bottom, right = _union([p["box"] for p in group])
     size = max(bottom - top, right - left)
@@ -2081,7 +2081,8 @@ def with_faint_strokes(group: list[dict], contrast: np.ndarray, kept: list[dict]
     near, seed = np.nan_to_num(contrast[window]), mine[window]
     found = group[0]["labels"][window]
     others = [p["label"] for p in kept if p not in group]
-    stays_out = (np.isin(found, others) | (np.bincount(found.ravel())[found] > seed.sum())) & (found > 0) & ~seed
+    bigger = np.bincount(found.ravel())[found] > seed.sum()
+    stays_out = (np.isin(found, others) | bigger) & (found > 0) & ~seed
     judged = ndimage.binary_dilation(stays_out, iterations=2)  # with their rims
     digit_ink = float(np.percentile(near[seed], 90))
     faint = (near > max(paper_grain(contrast), 0.1 * digit_ink)) & ~judged
@@ -2230,7 +2231,7 @@ def group_digits(parts: list[dict], contrast: np.ndarray | None = None) -> list[
     heights = [_height(g) for g in groups]
     typical = np.median(heights)
     if contrast is not None:
-        heights = [h if h >= 0.5 * typical else int(np.ptp(np.nonzero(with_faint_strokes(g, contrast, parts))[0])) + 1
+        heights = [h if h >= 0.5 * typical else int(np.ptp(np.nonzero(with_faint_strokes(g, contrast, parts))[0]) + 1)
                    for g, h in zip(groups, heights)]
     return [g for g, h in zip(groups, heights) if 0.5 * typical <= h <= 3 * typical]
 
@@ -2279,7 +2280,8 @@ def _halves_of_a_ring(groups: list[list[dict]]) -> list[list[dict]]:
             narrow = max(a[3] - a[1], b[3] - b[1]) <= 0.5 * typical
             shared_rows = min(a[2], b[2]) - max(a[0], b[0]) >= 0.6 * min(a[2] - a[0], b[2] - b[0])
             close = _shared_columns(a, b) >= 0.2 * min(a[3] - a[1], b[3] - b[1])
-            if narrow and shared_rows and close and _bulge(merged[-1]) < -0.03 * typical < 0.03 * typical < _bulge(g):
+            if (narrow and shared_rows and close
+                    and _bulge(merged[-1]) < -0.03 * typical and _bulge(g) > 0.03 * typical):  # ( and )
                 merged[-1] = merged[-1] + g
                 continue
         merged.append(g)
