@@ -1967,15 +1967,15 @@ def _page_edges(parts: list[dict], labels: np.ndarray) -> set[int]:
       across the line (root mean square) is under 3% of its length."""
     h, w = labels.shape
     size = {p["label"]: max(p["box"][2] - p["box"][0], p["box"][3] - p["box"][1]) for p in parts}
-    sides = [(labels[0], [(0, c) for c in range(w)]), (labels[-1], [(h - 1, c) for c in range(w)]),
-             (labels[:, 0], [(r, 0) for r in range(h)]), (labels[:, -1], [(r, w - 1) for r in range(h)])]
+    places = np.stack(np.indices(labels.shape), axis=-1)  # (row, column) of each pixel
+    sides = list(zip(_frame_sides(labels), _frame_sides(places)))
     edges = set()
     for p in parts:
         others = [q for q in parts if q is not p]
         if (not others or size[p["label"]] < 2 * np.median([size[q["label"]] for q in others])
                 or sum(q["area"] for q in others) < 0.1 * p["area"]):
             continue
-        touched = [np.array(where)[side == p["label"]] for side, where in sides]
+        touched = [where[side == p["label"]] for side, where in sides]
         contacts = np.concatenate(touched)
         if (sum(len(t) > 0 for t in touched) >= 2
                 and np.hypot(*np.ptp(contacts, axis=0)) >= 0.5 * max(h, w)):
