@@ -1469,6 +1469,7 @@ LINE_FAN = 16  # and seen at a slant: its lines' angles may differ this much, to
 HOLEY = 10  # a piece of ink at the frame's edge with more holes than this is a table's grain, not a digit
 ON_THE_TABLE = 0.35  # a digit's box whose brightest tenth is under this share of the paper's is on the table
 DESK_DARKER = 0.7  # a desk around the paper is under this share of the paper's brightness
+EDGE_SLIVER = 0.25  # a row's end scrap under this share of its height wide, by the desk, is the page's edge
 
 
 # --- 1. load, and make a big photo small first --------------------------------------------------------
@@ -2321,6 +2322,31 @@ def on_the_page(groups: list[list[dict]], grey: np.ndarray, typical: float | Non
     return [g for g, b in zip(groups, brightest) if b >= ON_THE_TABLE * typical] or groups
 
 
+def off_the_page_edge(groups: list[list[dict]], grey: np.ndarray) -> list[list[dict]]:
+    """A row's groups without a scrap of the page's edge at either end. Where the paper meets a dark desk,
+    the page's edge is a thin dark line, and a scrap of it beside the row was read as one more 1 ("5915"
+    as "15915"). Such a scrap is thin (under EDGE_SLIVER of the row's typical height wide) and has the
+    desk right beside it: beyond it, within 15% of the typical height, a column of the photo is under half
+    as bright as the paper on its side towards the row. A 1 at the end of a row has paper on both sides."""
+    if len(groups) < 2:
+        return groups
+    boxes = [_union([p["box"] for p in g]) for g in groups]
+    typical = float(np.median([bottom - top for top, _, bottom, _ in boxes]))
+    band = max(2, round(0.15 * typical))
+
+    def on_the_edge(box, outwards_left: bool) -> bool:
+        top, left, bottom, right = box
+        if right - left > EDGE_SLIVER * typical:
+            return False
+        before, after = grey[top:bottom, max(0, left - band):left], grey[top:bottom, right:right + band]
+        beyond, towards = (before, after) if outwards_left else (after, before)
+        return (beyond.size > 0 and towards.size > 0
+                and np.median(beyond, axis=0).min() < 0.5 * np.median(towards))  # (its darkest column)
+
+    ends = [i for i, outwards_left in ((0, True), (len(groups) - 1, False)) if on_the_edge(boxes[i], outwards_left)]
+    return [g for i, g in enumerate(groups) if i not in ends]
+
+
 def pieces_on_the_page(parts: list[dict], grey: np.ndarray) -> list[dict]:
     """The pieces of ink that lie on the page (`on_the_page`, each piece judged alone against the photo's
     brightest tenth, mostly paper): the grain of a dark table is no digit's stroke."""
@@ -2406,23 +2432,24 @@ def digits_in_a_row(parts: list[dict], contrast: np.ndarray, angle: float | None
     """Steps 5-6 for a row: the pieces grouped into digits left to right, each cut out and fitted to 28x28.
     Returns ([28x28 arrays], [boxes (top, left, bottom, right) in the shrunk photo's pixels])."""
     digits, boxes = [], []
+    grey = stages["grey, small"]
     # The table's grain goes before the row's line is found: a wide table has more ink than the row.
-    parts = pieces_on_the_page(parts, stages["grey, small"])
-    groups = on_the_page(group_digits(parts, contrast), stages["grey, small"])
+    parts = pieces_on_the_page(parts, grey)
+    groups = off_the_page_edge(on_the_page(group_digits(parts, contrast), grey), grey)
     kept = np.isin(parts[0]["labels"], [p["label"] for g in groups for p in g])
     fainter = fainter_digits(groups, kept, contrast)
     if fainter.any():
         mask = (parts[0]["labels"] > 0) | fainter
         stages["ink"] = mask.astype(np.float32)
-        parts = pieces_on_the_page(ink_parts(mask, contrast), stages["grey, small"])
-        groups = on_the_page(group_digits(parts, contrast), stages["grey, small"])
+        parts = pieces_on_the_page(ink_parts(mask, contrast), grey)
+        groups = off_the_page_edge(on_the_page(group_digits(parts, contrast), grey), grey)
     height = np.median([_height(g) for g in groups])
     for group in groups:
         ink = cut_out(with_faint_strokes(group, contrast, parts), contrast, angle)
         for piece in split_wide(ink, height):
             digits.append(fit_28x28(normalise_strokes(piece)))
         boxes.append(_union([p["box"] for p in group]))
-    found = stages["grey, small"].copy()
+    found = grey.copy()
     for top, left, bottom, right in boxes:  # each digit's box, drawn in black on the photo
         found[top:bottom, [left, right - 1]] = 0
         found[[top, bottom - 1], left:right] = 0

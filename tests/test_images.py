@@ -963,6 +963,25 @@ def test_the_two_pieces_of_a_broken_slanted_1_are_one_digit():
     assert bottom - top > 70 and left < 170 and right > 180  # the whole 1
 
 
+def test_a_scrap_of_the_page_edge_beside_the_desk_is_not_a_1_but_a_1_on_the_paper_is():
+    # "771" on a page lying on a dark desk: the page's edge is a thin dark line along the desk, a few
+    # pixels off it, and the scrap of it beside the row was read as one more 1 ("1771"). The last 1,
+    # with paper on both sides, stays.
+    photo = np.full((200, 400), 0.9, np.float32) + np.random.default_rng(0).normal(0, 0.004, (200, 400))
+    photo[:, :80] = 0.25  # the desk
+    canvas = Image.new("L", (400, 200), 0)
+    draw = ImageDraw.Draw(canvas)
+    draw.line([(90, 45), (90, 115)], fill=255, width=3)  # the scrap of the page's edge, 10 px from the desk
+    for x in (140, 230):  # the 7s
+        draw.line([(x, 40), (x + 45, 40)], fill=255, width=4)
+        draw.line([(x + 45, 40), (x + 15, 120)], fill=255, width=4)
+    draw.line([(330, 40), (330, 120)], fill=255, width=4)  # the 1
+    photo *= 1 - 0.9 * np.asarray(canvas, np.float32) / 255
+    digits, boxes = mnist_jax.split_digits(photo)
+    assert len(digits) == 3
+    assert boxes[0][1] > 130 and boxes[-1][1] > 320
+
+
 def test_read_number_reads_a_row_and_a_single_digit(font_model, tmp_path):
     model = mnist_jax.load_params(font_model)
     assert mnist_jax.read_number(row_of("2026"), model) == "2026"
