@@ -2228,7 +2228,7 @@ def group_digits(parts: list[dict], contrast: np.ndarray | None = None) -> list[
     # A piece whose box holds the middles of two or more other pieces is drawn around them (the edge of a
     # sticky note or of the page, even where not closed), not a digit: a 0 holds a scrap at most.
     parts = [p for p in parts if sum(_holds(p["box"], q["box"]) for q in parts if q is not p) < 2] or parts
-    groups = _halves_of_a_ring(_one_above_the_other(_side_by_side(parts)))
+    groups = _halves_of_a_ring(_one_above_the_other(_side_by_side(parts, height=height)))
     heights = [_height(g) for g in groups]
     typical = np.median(heights)
     if contrast is not None:
@@ -2289,19 +2289,44 @@ def _halves_of_a_ring(groups: list[list[dict]]) -> list[list[dict]]:
     return merged
 
 
-def _side_by_side(parts: list[dict], share: float = 0.5) -> list[list[dict]]:
+def _side_by_side(parts: list[dict], share: float = 0.5, height: float | None = None) -> list[list[dict]]:
     """Pieces grouped left to right: a piece that overlaps the group before it sideways by more than
-    `share` of the narrower one's width joins that group."""
+    `share` of the narrower one's width joins that group, unless, given the row's typical piece `height`,
+    it was written apart from a piece of the group (`_written_apart`)."""
     groups = []
     for p in sorted(parts, key=lambda p: p["box"][1]):
         if groups:
             box = _union([q["box"] for q in groups[-1]])
             overlap = _shared_columns(box, p["box"])
-            if overlap > share * min(box[3] - box[1], p["box"][3] - p["box"][1]):
+            if (overlap > share * min(box[3] - box[1], p["box"][3] - p["box"][1])
+                    and not (height and any(_written_apart(q, p, height) for q in groups[-1]))):
                 groups[-1].append(p)
                 continue
         groups.append([p])
     return groups
+
+
+def _written_apart(a: dict, b: dict, height: float) -> bool:
+    """Are two pieces two digits written close together, not two strokes of one digit? Both are nearly as
+    tall as the row's pieces (0.8 of `height`), they have ink in the same rows (0.8 of the shorter one's),
+    and in each of those rows one piece's ink ends before the other's begins. A slanted 1 written close
+    after a 3 shares most of its width with the 3's box, and "31" was one digit. (A 4's two strokes meet
+    at its bar, so the bar's rows are shared; a 5's flag is short.)"""
+    (a_top, a_left, a_bottom, a_right), (b_top, b_left, b_bottom, b_right) = a["box"], b["box"]
+    shorter = min(a_bottom - a_top, b_bottom - b_top)
+    top, bottom = max(a_top, b_top), min(a_bottom, b_bottom)
+    if shorter < 0.8 * height or bottom - top < 0.8 * shorter:
+        return False
+    left = min(a_left, b_left)
+    window = a["labels"][top:bottom, left:max(a_right, b_right)]
+    columns = np.arange(window.shape[1])
+    ink_a, ink_b = window == a["label"], window == b["label"]
+    both = ink_a.any(axis=1) & ink_b.any(axis=1)  # the rows where both have ink
+    if both.sum() < 0.8 * shorter:
+        return False
+    first = lambda ink: np.where(ink, columns, window.shape[1]).min(axis=1)[both]  # each row's leftmost ink
+    last = lambda ink: np.where(ink, columns, -1).max(axis=1)[both]               # and rightmost
+    return bool((last(ink_a) < first(ink_b)).all() or (last(ink_b) < first(ink_a)).all())
 
 
 def on_the_page(groups: list[list[dict]], grey: np.ndarray, typical: float | None = None) -> list[list[dict]]:

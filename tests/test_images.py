@@ -982,6 +982,24 @@ def test_a_scrap_of_the_page_edge_beside_the_desk_is_not_a_1_but_a_1_on_the_pape
     assert boxes[0][1] > 130 and boxes[-1][1] > 320
 
 
+def test_a_1_written_close_after_a_3_is_its_own_digit_and_a_5s_lifted_flag_is_not():
+    # "315" written tight: the slanted 1 shares more than half its width with the 3's box, so the two
+    # were grouped as one digit ("35"). In each row they share, the 3's ink ends before the 1's begins.
+    # The 5's flag, written with the pen lifted, is short: it stays with its body.
+    photo = np.full((200, 400), 0.9, np.float32) + np.random.default_rng(0).normal(0, 0.004, (200, 400))
+    for xy in [[(100, 40), (150, 40), (120, 78), (138, 100), (128, 120), (100, 118)],  # the 3
+               [(160, 40), (142, 120)],  # the 1, 5 px after the 3's bar
+               [(244, 42), (280, 38)],  # the 5's flag, lifted off
+               [(242, 56), (240, 80), (268, 84), (274, 104), (262, 120), (238, 118)]]:  # its body
+        canvas = Image.new("L", (400, 200), 0)
+        ImageDraw.Draw(canvas).line(xy, fill=255, width=4, joint="curve")
+        photo *= 1 - 0.9 * np.asarray(canvas, np.float32) / 255
+    digits, boxes = mnist_jax.split_digits(photo)
+    assert len(digits) == 3
+    assert boxes[0][3] < 156 and boxes[1][1] > 136  # the 3, then the 1
+    assert boxes[2][0] < 42 and boxes[2][2] > 118  # the whole 5, flag and body
+
+
 def test_read_number_reads_a_row_and_a_single_digit(font_model, tmp_path):
     model = mnist_jax.load_params(font_model)
     assert mnist_jax.read_number(row_of("2026"), model) == "2026"
