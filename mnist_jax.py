@@ -1469,6 +1469,7 @@ LINE_FAN = 16  # and seen at a slant: its lines' angles may differ this much, to
 HOLEY = 10  # a piece of ink at the frame's edge with more holes than this is a table's grain, not a digit
 ON_THE_TABLE = 0.35  # a digit's box whose brightest tenth is under this share of the paper's is on the table
 DESK_DARKER = 0.7  # a desk around the paper is under this share of the paper's brightness
+OFF_THE_LINE = 0.75  # a row's group whose middle is this far off the others' line (of their height) is no digit
 EDGE_SLIVER = 0.25  # a row's end scrap under this share of its height wide, by the desk, is the page's edge
 
 
@@ -2372,6 +2373,26 @@ def off_the_page_edge(groups: list[list[dict]], grey: np.ndarray) -> list[list[d
     return [g for i, g in enumerate(groups) if i not in ends]
 
 
+def on_the_line(groups: list[list[dict]]) -> list[list[dict]]:
+    """A row's groups without the one that lies off the row's line: a scrap of a grid line's crossing or
+    of a shadow's edge below or above the row was read as one more digit ("10021" as "100214"). A row's
+    digits stand on one line, which may slant: the group whose middle lies furthest from the straight
+    line through the other groups' middles is left out if that is more than OFF_THE_LINE of the row's
+    typical height. Only with three others or more, to draw the line through."""
+    if len(groups) < 4:
+        return groups
+    boxes = np.array([_union([p["box"] for p in g]) for g in groups], float)
+    typical = np.median(boxes[:, 2] - boxes[:, 0])
+    middles, across = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    off = []
+    for i in range(len(groups)):
+        others = np.arange(len(groups)) != i
+        line = np.polyfit(across[others], middles[others], 1)
+        off.append(abs(middles[i] - np.polyval(line, across[i])))
+    worst = int(np.argmax(off))
+    return [g for i, g in enumerate(groups) if i != worst] if off[worst] > OFF_THE_LINE * typical else groups
+
+
 def pieces_on_the_page(parts: list[dict], grey: np.ndarray) -> list[dict]:
     """The pieces of ink that lie on the page (`on_the_page`, each piece judged alone against the photo's
     brightest tenth, mostly paper): the grain of a dark table is no digit's stroke."""
@@ -2458,16 +2479,20 @@ def digits_in_a_row(parts: list[dict], contrast: np.ndarray, angle: float | None
     Returns ([28x28 arrays], [boxes (top, left, bottom, right) in the shrunk photo's pixels])."""
     digits, boxes = [], []
     grey = stages["grey, small"]
+
+    def digits_of(parts):  # the pieces grouped into digits, without those off the page or off the row's line
+        return on_the_line(off_the_page_edge(on_the_page(group_digits(parts, contrast), grey), grey))
+
     # The table's grain goes before the row's line is found: a wide table has more ink than the row.
     parts = pieces_on_the_page(parts, grey)
-    groups = off_the_page_edge(on_the_page(group_digits(parts, contrast), grey), grey)
+    groups = digits_of(parts)
     kept = np.isin(parts[0]["labels"], [p["label"] for g in groups for p in g])
     fainter = fainter_digits(groups, kept, contrast)
     if fainter.any():
         mask = (parts[0]["labels"] > 0) | fainter
         stages["ink"] = mask.astype(np.float32)
         parts = pieces_on_the_page(ink_parts(mask, contrast), grey)
-        groups = off_the_page_edge(on_the_page(group_digits(parts, contrast), grey), grey)
+        groups = digits_of(parts)
     height = np.median([_height(g) for g in groups])
     for group in groups:
         ink = cut_out(with_faint_strokes(group, contrast, parts), contrast, angle)

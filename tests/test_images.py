@@ -1000,6 +1000,25 @@ def test_a_1_written_close_after_a_3_is_its_own_digit_and_a_5s_lifted_flag_is_no
     assert boxes[2][0] < 42 and boxes[2][2] > 118  # the whole 5, flag and body
 
 
+def test_a_scrap_below_a_slanting_row_is_not_one_more_digit():
+    # "1002" written downhill, and a scrap of a grid's crossing below its end: the scrap is over half a
+    # digit tall and within a digit's height of the row's middle, so it was read as one more digit
+    # ("10021"). The row's line slants 8 px per digit; the scrap's middle lies 0.9 digits below it.
+    photo = np.full((260, 460), 0.9, np.float32) + np.random.default_rng(0).normal(0, 0.004, (260, 460))
+    canvas = Image.new("L", (460, 260), 0)
+    draw = ImageDraw.Draw(canvas)
+    draw.line([(60, 40), (60, 120)], fill=255, width=4)  # the 1
+    for x, y in ((120, 48), (200, 56)):  # the 0s
+        draw.ellipse([x, y, x + 50, y + 80], outline=255, width=4)
+    draw.line([(280, 74), (320, 64), (322, 100), (284, 144), (326, 144)], fill=255, width=4, joint="curve")  # the 2
+    draw.line([(360, 185), (396, 185)], fill=255, width=3)  # the scrap: a crossing, 50 px tall
+    draw.line([(378, 160), (378, 210)], fill=255, width=3)
+    photo *= 1 - 0.9 * np.asarray(canvas, np.float32) / 255
+    digits, boxes = mnist_jax.split_digits(photo)
+    assert len(digits) == 4
+    assert boxes[-1][3] < 340  # the 2 ends the row
+
+
 def test_read_number_reads_a_row_and_a_single_digit(font_model, tmp_path):
     model = mnist_jax.load_params(font_model)
     assert mnist_jax.read_number(row_of("2026"), model) == "2026"
