@@ -2226,6 +2226,10 @@ def group_digits(parts: list[dict], contrast: np.ndarray | None = None) -> list[
     tall = [p for p in parts if p["box"][2] - p["box"][0] >= 0.5 * height]
     middle = _ink_median(tall, [(p["box"][0] + p["box"][2]) / 2 for p in tall])
     parts = [p for p in parts if p["box"][0] - height < middle < p["box"][2] + height]
+    # A piece much wider than a digit is tall (TOUCHING times) yet shorter than one is a scrap of a line that
+    # was not all taken out (in a shadow, at the frame), not touching digits: those are as tall as digits.
+    parts = [p for p in parts if not (p["box"][3] - p["box"][1] > TOUCHING * height
+                                      and p["box"][2] - p["box"][0] < 0.8 * height)] or parts
     # A piece whose box holds the middles of two or more other pieces is drawn around them (the edge of a
     # sticky note or of the page, even where not closed), not a digit: a 0 holds a scrap at most.
     parts = [p for p in parts if sum(_holds(p["box"], q["box"]) for q in parts if q is not p) < 2] or parts

@@ -1019,6 +1019,23 @@ def test_a_scrap_below_a_slanting_row_is_not_one_more_digit():
     assert boxes[-1][3] < 340  # the 2 ends the row
 
 
+def test_a_scrap_of_a_line_below_a_row_does_not_join_its_digits():
+    # "101" above what is left of a ruled line (in a shadow, say), cut by the frame: the scrap shares
+    # columns with the 0 and the last 1, so the three were grouped into one wide piece, and "101" came
+    # out as four digits. The scrap is far wider than a digit is tall, yet shorter than a digit.
+    photo = np.full((220, 420), 0.9, np.float32) + np.random.default_rng(0).normal(0, 0.004, (220, 420))
+    canvas = Image.new("L", (420, 220), 0)
+    draw = ImageDraw.Draw(canvas)
+    draw.line([(80, 40), (80, 120)], fill=255, width=4)  # the 1s and the 0
+    draw.ellipse([160, 40, 210, 120], outline=255, width=4)
+    draw.line([(290, 40), (290, 120)], fill=255, width=4)
+    draw.line([(170, 160), (250, 168), (330, 162), (420, 150)], fill=255, width=3, joint="curve")  # the scrap
+    photo *= 1 - 0.9 * np.asarray(canvas, np.float32) / 255
+    digits, boxes = mnist_jax.split_digits(photo)
+    assert len(digits) == 3
+    assert all(bottom < 130 for _, _, bottom, _ in boxes)
+
+
 def test_read_number_reads_a_row_and_a_single_digit(font_model, tmp_path):
     model = mnist_jax.load_params(font_model)
     assert mnist_jax.read_number(row_of("2026"), model) == "2026"
