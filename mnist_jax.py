@@ -2226,10 +2226,14 @@ def group_digits(parts: list[dict], contrast: np.ndarray | None = None) -> list[
     tall = [p for p in parts if p["box"][2] - p["box"][0] >= 0.5 * height]
     middle = _ink_median(tall, [(p["box"][0] + p["box"][2]) / 2 for p in tall])
     parts = [p for p in parts if p["box"][0] - height < middle < p["box"][2] + height]
-    # A piece much wider than a digit is tall (TOUCHING times) yet shorter than one is a scrap of a line that
-    # was not all taken out (in a shadow, at the frame), not touching digits: those are as tall as digits.
-    parts = [p for p in parts if not (p["box"][3] - p["box"][1] > TOUCHING * height
-                                      and p["box"][2] - p["box"][0] < 0.8 * height)] or parts
+    # A long, low piece (wider than TOUCHING times the typical height, shorter than 0.8 of it and over three
+    # times as wide as it is tall) is a scrap of a line that was not all taken out (in a shadow, at the frame),
+    # not touching digits: those are about as tall as digits, and two of them no more than twice as wide.
+    def long_and_low(p):
+        top, left, bottom, right = p["box"]
+        return right - left > max(TOUCHING * height, 3 * (bottom - top)) and bottom - top < 0.8 * height
+
+    parts = [p for p in parts if not long_and_low(p)] or parts
     # A piece whose box holds the middles of two or more other pieces is drawn around them (the edge of a
     # sticky note or of the page, even where not closed), not a digit: a 0 holds a scrap at most.
     parts = [p for p in parts if sum(_holds(p["box"], q["box"]) for q in parts if q is not p) < 2] or parts
@@ -2313,8 +2317,8 @@ def _side_by_side(parts: list[dict], share: float = 0.5, height: float | None = 
 
 def _written_apart(a: dict, b: dict, height: float) -> bool:
     """Are two pieces two digits written close together, not two strokes of one digit? Both are nearly as
-    tall as the row's pieces (0.8 of `height`), they have ink in the same rows (0.8 of the shorter one's),
-    and in each of those rows one piece's ink ends before the other's begins. A slanted 1 written close
+    tall as the row's typical piece (0.8 of `height`), they have ink in the same rows (0.8 of the shorter
+    one's), and in each of those rows the same piece's ink ends before the other's begins. A slanted 1 written close
     after a 3 shares most of its width with the 3's box, and "31" was one digit. (A 4's two strokes meet
     at its bar, so the bar's rows are shared; a 5's flag is short.)"""
     (a_top, a_left, a_bottom, a_right), (b_top, b_left, b_bottom, b_right) = a["box"], b["box"]
@@ -2355,26 +2359,30 @@ def on_the_page(groups: list[list[dict]], grey: np.ndarray, typical: float | Non
 def off_the_page_edge(groups: list[list[dict]], grey: np.ndarray) -> list[list[dict]]:
     """A row's groups without a scrap of the page's edge at either end. Where the paper meets a dark desk,
     the page's edge is a thin dark line, and a scrap of it beside the row was read as one more 1 ("5915"
-    as "15915"). Such a scrap is thin (under EDGE_SLIVER of the row's typical height wide) and has the
-    desk right beside it: beyond it, within 15% of the typical height, a column of the photo is under half
-    as bright as the paper on its side towards the row. A 1 at the end of a row has paper on both sides."""
+    as "15915"). Such a scrap is thin (under EDGE_SLIVER of the row's typical height wide) and lies on the
+    desk's border: right beyond it (within 15% of the typical height) a column of the photo is under half
+    as bright as the paper on its side towards the row, and so is most of the photo from there to the
+    frame's edge (a margin line beyond a 1 is dark too, but thin). A 1 at the end of a row has paper
+    on both sides."""
     if len(groups) < 2:
         return groups
-    boxes = [_union([p["box"] for p in g]) for g in groups]
-    typical = float(np.median([bottom - top for top, _, bottom, _ in boxes]))
+    typical = float(np.median([_height(g) for g in groups]))
     band = max(2, round(0.15 * typical))
 
-    def on_the_edge(box, outwards_left: bool) -> bool:
-        top, left, bottom, right = box
+    def on_the_edge(group: list[dict], outwards_left: bool) -> bool:
+        top, left, bottom, right = _union([p["box"] for p in group])
         if right - left > EDGE_SLIVER * typical:
             return False
-        before, after = grey[top:bottom, max(0, left - band):left], grey[top:bottom, right:right + band]
-        beyond, towards = (before, after) if outwards_left else (after, before)
-        return (beyond.size > 0 and towards.size > 0
-                and np.median(beyond, axis=0).min() < 0.5 * np.median(towards))  # (its darkest column)
+        beyond, towards = (grey[top:bottom, :left], grey[top:bottom, right:right + band]) if outwards_left else \
+                          (grey[top:bottom, right:], grey[top:bottom, max(0, left - band):left])
+        near = beyond[:, -band:] if outwards_left else beyond[:, :band]
+        if not near.size or not towards.size:
+            return False  # the frame's edge, not the desk
+        paper = float(np.median(towards))
+        return np.median(near, axis=0).min() < 0.5 * paper and np.median(beyond) < 0.5 * paper
 
-    ends = [i for i, outwards_left in ((0, True), (len(groups) - 1, False)) if on_the_edge(boxes[i], outwards_left)]
-    return [g for i, g in enumerate(groups) if i not in ends]
+    ends = [i for i, outwards_left in ((0, True), (len(groups) - 1, False)) if on_the_edge(groups[i], outwards_left)]
+    return [g for i, g in enumerate(groups) if i not in ends] or groups
 
 
 def on_the_line(groups: list[list[dict]]) -> list[list[dict]]:
@@ -2387,12 +2395,15 @@ def on_the_line(groups: list[list[dict]]) -> list[list[dict]]:
         return groups
     boxes = np.array([_union([p["box"] for p in g]) for g in groups], float)
     typical = np.median(boxes[:, 2] - boxes[:, 0])
-    middles, across = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    middle_row, middle_column = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
     off = []
     for i in range(len(groups)):
         others = np.arange(len(groups)) != i
-        line = np.polyfit(across[others], middles[others], 1)
-        off.append(abs(middles[i] - np.polyval(line, across[i])))
+        if np.ptp(middle_column[others]) > 0:
+            slope, level = np.polyfit(middle_column[others], middle_row[others], 1)
+        else:  # (all in one column: no slant to fit)
+            slope, level = 0.0, float(np.median(middle_row[others]))
+        off.append(abs(middle_row[i] - (slope * middle_column[i] + level)))
     worst = int(np.argmax(off))
     return [g for i, g in enumerate(groups) if i != worst] if off[worst] > OFF_THE_LINE * typical else groups
 
@@ -2483,20 +2494,17 @@ def digits_in_a_row(parts: list[dict], contrast: np.ndarray, angle: float | None
     Returns ([28x28 arrays], [boxes (top, left, bottom, right) in the shrunk photo's pixels])."""
     digits, boxes = [], []
     grey = stages["grey, small"]
-
-    def digits_of(parts):  # the pieces grouped into digits, without those off the page or off the row's line
-        return on_the_line(off_the_page_edge(on_the_page(group_digits(parts, contrast), grey), grey))
-
     # The table's grain goes before the row's line is found: a wide table has more ink than the row.
     parts = pieces_on_the_page(parts, grey)
-    groups = digits_of(parts)
+    groups = on_the_page(group_digits(parts, contrast), grey)
     kept = np.isin(parts[0]["labels"], [p["label"] for g in groups for p in g])
     fainter = fainter_digits(groups, kept, contrast)
     if fainter.any():
         mask = (parts[0]["labels"] > 0) | fainter
         stages["ink"] = mask.astype(np.float32)
         parts = pieces_on_the_page(ink_parts(mask, contrast), grey)
-        groups = digits_of(parts)
+        groups = on_the_page(group_digits(parts, contrast), grey)
+    groups = on_the_line(off_the_page_edge(groups, grey))
     height = np.median([_height(g) for g in groups])
     for group in groups:
         ink = cut_out(with_faint_strokes(group, contrast, parts), contrast, angle)

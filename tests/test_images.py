@@ -980,6 +980,10 @@ def test_a_scrap_of_the_page_edge_beside_the_desk_is_not_a_1_but_a_1_on_the_pape
     digits, boxes = mnist_jax.split_digits(photo)
     assert len(digits) == 3
     assert boxes[0][1] > 130 and boxes[-1][1] > 320
+    # A dark margin line instead of the desk, the same 10 px before a 1 that starts the row: the 1 stays.
+    photo[:, :80] = 0.9
+    photo[:, 76:80] = 0.2
+    assert len(mnist_jax.split_digits(photo)[0]) == 4
 
 
 def test_a_1_written_close_after_a_3_is_its_own_digit_and_a_5s_lifted_flag_is_not():
