@@ -86,7 +86,7 @@ def test_each_run_gets_a_folder_of_its_own(mnist_dir, tmp_path, monkeypatch, cap
     assert any(line.startswith("epoch   1 ") for line in lines) and not any("epoch   2" in l for l in lines)
     assert any(line.startswith("macro") for line in lines)
     timing = next(line for line in lines if line.startswith("time: "))
-    for part in ("start", "load", "compile", "train", "evaluate", "report", "plots", "total"):
+    for part in ("start", "load", "setup", "compile", "train", "evaluate", "report", "plots", "total"):
         assert f"{part} " in timing
     run1 = tmp_path / "runs" / "mlp-1"
     metrics = json.loads((run1 / "metrics.json").read_text())
@@ -94,7 +94,7 @@ def test_each_run_gets_a_folder_of_its_own(mnist_dir, tmp_path, monkeypatch, cap
     assert metrics["config"]["epochs"] == 1 and metrics["config"]["batch_size"] == 128  # as resolved
     assert len(metrics["precision"]) == len(metrics["recall"]) == len(metrics["f1"]) == 10
     assert np.array(metrics["confusion_matrix"]).shape == (10, 10) and 0 <= metrics["macro_f1"] <= 1
-    assert {"load", "compile", "train", "evaluate", "plots", "total"} <= set(metrics["seconds"])
+    assert {"load", "setup", "compile", "train", "evaluate", "plots", "total"} <= set(metrics["seconds"])
     assert sorted(p.name for p in run1.iterdir()) == sorted(
         ["config.json", "metrics.json", "params.npz", *mnist_jax.PLOT_FILES])
     # A second run never touches the first one's files, and runs/latest follows the newest.

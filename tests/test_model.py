@@ -262,7 +262,7 @@ def test_whole_loop_learns_small_data(grad):
     assert len(lines) == 1 + 3 and "compiled in" in lines[0] and "samples/s" in lines[-1]
     assert [e["epoch"] for e in run.epochs] == [1, 2, 3] and len(runs) == 3
     assert set(run.epochs[0]) >= {"epoch", "seconds", "train_loss", "train_accuracy", "test_accuracy"}
-    assert set(run.seconds) == {"compile", "train", "evaluate"}
+    assert set(run.seconds) == {"setup", "compile", "train", "evaluate"}
     assert len(run.learning_rates) == 3 * (512 // 128) and run.learning_rates[0] == pytest.approx(mnist_jax.MODEL_DEFAULTS["mlp"]["lr"])
     bn = run.model.stats[1]
     assert float(np.abs(bn["mean"]).sum()) > 0  # the running averages moved from their start
