@@ -2510,7 +2510,11 @@ def digits_in_a_row(parts: list[dict], contrast: np.ndarray, angle: float | None
     height = np.median([_height(g) for g in groups])
     for group in groups:
         ink = cut_out(with_faint_strokes(group, contrast, parts), contrast, angle)
-        for piece in split_wide(ink, height):
+        pieces = split_wide(ink, height)
+        if len(pieces) > 1:  # faint strokes never make one digit two: a grid's scraps had widened a 4
+            alone = split_wide(cut_out(pixels_of(group), contrast, angle), height)
+            pieces = alone if len(alone) == 1 else pieces
+        for piece in pieces:
             digits.append(fit_28x28(normalise_strokes(piece)))
         boxes.append(_union([p["box"] for p in group]))
     found = grey.copy()

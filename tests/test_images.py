@@ -1040,6 +1040,23 @@ def test_a_scrap_of_a_line_below_a_row_does_not_join_its_digits():
     assert all(bottom < 130 for _, _, bottom, _ in boxes)
 
 
+def test_faint_scraps_beside_a_digit_never_make_it_two_digits():
+    # "141", the 4 in a lighter pen: a scrap of a line beside it, too faint to be ink beside the row's
+    # boldest digits, joined the 4 as a faded stroke (`with_faint_strokes`, which judges it against the
+    # 4's own ink). That made the 4 wider than 1.4 times the row's height, and it was cut into two
+    # digits ("1141"). Cut alone, the 4 is one digit, and stays one.
+    photo = np.full((200, 460), 0.9, np.float32) + np.random.default_rng(0).normal(0, 0.004, (200, 460))
+    for level, xy in [(0.9, [(60, 40), (60, 120)]),  # the 1
+                      (0.55, [(200, 40), (176, 95), (236, 95)]), (0.55, [(222, 60), (222, 120)]),  # the 4
+                      (0.35, [(115, 92), (166, 92)]),  # the scrap, 10 px from the 4
+                      (0.9, [(300, 40), (300, 120)])]:  # the last 1
+        canvas = Image.new("L", (460, 200), 0)
+        ImageDraw.Draw(canvas).line(xy, fill=255, width=4)
+        photo *= 1 - level * np.asarray(canvas, np.float32) / 255
+    digits, boxes = mnist_jax.split_digits(photo)
+    assert len(digits) == 3
+
+
 def test_read_number_reads_a_row_and_a_single_digit(font_model, tmp_path):
     model = mnist_jax.load_params(font_model)
     assert mnist_jax.read_number(row_of("2026"), model) == "2026"
