@@ -475,6 +475,7 @@ def train(net: Layer, data: Dataset, hyper: Hyper, epochs: int, batch_size: int,
     run = Run(state.model, learning_rates=np.asarray(learning_rate(hyper, np.arange(hyper.total_steps))))
 
     # Compile before the clock starts, so that epoch times are steady state.
+    jax.block_until_ready((state, train_x, test_x))  # (the setup ends here, not while compiling)
     started = time.perf_counter()
     order = jnp.arange(n, dtype=jnp.int32)  # an example: only its shape and type matter here
     # The progress line shows only on a terminal; elsewhere (a log file, a pipe) the epoch is compiled
