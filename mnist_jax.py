@@ -2021,6 +2021,11 @@ def _near(a, b, gap):
     return (a[0] - gap < b[2] and b[0] - gap < a[2]) and (a[1] - gap < b[3] and b[1] - gap < a[3])
 
 
+def _shared_rows(a, b) -> int:
+    """How many rows two boxes (top, left, bottom, right) share: their overlap up and down, in px (< 0: apart)."""
+    return min(a[2], b[2]) - max(a[0], b[0])
+
+
 def _shared_columns(a, b) -> int:
     """How many columns two boxes (top, left, bottom, right) share: their overlap sideways, in px (< 0: apart)."""
     return min(a[3], b[3]) - max(a[1], b[1])
@@ -2259,7 +2264,7 @@ def _one_above_the_other(groups: list[list[dict]]) -> list[list[dict]]:
     for g in groups:
         if merged:
             a, b = _union([p["box"] for p in merged[-1]]), _union([p["box"] for p in g])
-            stacked = min(a[2], b[2]) - max(a[0], b[0]) <= 0.2 * min(a[2] - a[0], b[2] - b[0])  # rows they share
+            stacked = _shared_rows(a, b) <= 0.2 * min(a[2] - a[0], b[2] - b[0])
             if (stacked and min(a[2] - a[0], b[2] - b[0]) >= 0.2 * typical
                     and _shared_columns(a, b) >= -0.1 * typical and max(a[2], b[2]) - min(a[0], b[0]) <= 1.5 * typical):
                 merged[-1] = merged[-1] + g
@@ -2291,7 +2296,7 @@ def _halves_of_a_ring(groups: list[list[dict]]) -> list[list[dict]]:
         if merged:
             a, b = _union([p["box"] for p in merged[-1]]), _union([p["box"] for p in g])
             narrow = max(a[3] - a[1], b[3] - b[1]) <= 0.5 * typical
-            shared_rows = min(a[2], b[2]) - max(a[0], b[0]) >= 0.6 * min(a[2] - a[0], b[2] - b[0])
+            shared_rows = _shared_rows(a, b) >= 0.6 * min(a[2] - a[0], b[2] - b[0])
             close = _shared_columns(a, b) >= 0.2 * min(a[3] - a[1], b[3] - b[1])
             if (narrow and shared_rows and close
                     and _bulge(merged[-1]) < -0.03 * typical and _bulge(g) > 0.03 * typical):  # ( and )
@@ -2326,9 +2331,9 @@ def _written_apart(a: dict, b: dict, height: float) -> bool:
     at its bar, so the bar's rows are shared; a 5's flag is short.)"""
     (a_top, a_left, a_bottom, a_right), (b_top, b_left, b_bottom, b_right) = a["box"], b["box"]
     shorter = min(a_bottom - a_top, b_bottom - b_top)
-    top, bottom = max(a_top, b_top), min(a_bottom, b_bottom)
-    if shorter < 0.8 * height or bottom - top < 0.8 * shorter:
+    if shorter < 0.8 * height or _shared_rows(a["box"], b["box"]) < 0.8 * shorter:
         return False
+    top, bottom = max(a_top, b_top), min(a_bottom, b_bottom)
     left = min(a_left, b_left)
     window = a["labels"][top:bottom, left:max(a_right, b_right)]
     columns = np.arange(window.shape[1])
