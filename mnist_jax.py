@@ -2069,7 +2069,7 @@ def pixels_of(parts: list[dict]) -> np.ndarray:
     return np.isin(parts[0]["labels"], [p["label"] for p in parts])
 
 
-def with_faint_strokes(group: list[dict], contrast: np.ndarray, kept: list[dict] = ()) -> np.ndarray:
+def with_faint_strokes(group: list[dict], contrast: np.ndarray, kept: list[dict] = (), size: float = 0) -> np.ndarray:
     """The digit's pixels (a mask): the pieces of its group, and the fainter pieces of ink beside them
     (and its own strokes' soft edges, down to a tenth of its ink).
 
@@ -2079,14 +2079,18 @@ def with_faint_strokes(group: list[dict], contrast: np.ndarray, kept: list[dict]
     find at all is judged again, against the digit's own ink: a piece joins if it is darker than the
     paper's grain and a tenth of the digit's ink, reaches FAINT_STROKE of it somewhere, has at least 2%
     as many pixels as the digit (and 3), and comes within 15% of the digit's size of it, across or down
-    (up to three rounds, as pieces join). What `find_ink` found and left out stays out if it is another
-    piece that was `kept` (a neighbour in a row) or bigger than the digit (a box drawn around it, the
-    table): a scrap dropped as a speck may be a piece of a faded pencil stroke, and may join. A piece
-    that runs out of the digit's surroundings (its size around it) is a shadow's edge or a line, not a
-    stroke; and if the digit would grow to over 1.6 times its size, nothing joins."""
+    (up to eight rounds, as pieces join: a pen that skipped leaves a stroke of dashes). What `find_ink`
+    found and left out stays out if it is another piece that was `kept` (a neighbour in a row) or bigger
+    than the digit (a box drawn around it, the table): a scrap dropped as a speck may be a piece of a
+    faded pencil stroke, and may join. A piece that runs out of the digit's surroundings (its size
+    around it) is a shadow's edge or a line, not a stroke; and if the digit would grow to over 1.6 times
+    its size, nothing joins.
+    The digit's size is that of its box, or `size` if larger: in a row, the row's digit height. A digit
+    that faded to a scrap (the bar of a 7 whose stem is a line of dashes) is then judged by the digit it
+    was, not by the scrap: its stem's dashes are near enough, and within its surroundings."""
     mine = pixels_of(group)
     top, left, bottom, right = _union([p["box"] for p in group])
-    size = max(bottom - top, right - left)
+    size = int(max(bottom - top, right - left, size))
     window = (slice(max(0, top - size), bottom + size), slice(max(0, left - size), right + size))
     near, seed = np.nan_to_num(contrast[window]), mine[window]
     found = group[0]["labels"][window]
@@ -2102,7 +2106,7 @@ def with_faint_strokes(group: list[dict], contrast: np.ndarray, kept: list[dict]
                              (np.bincount(labels.ravel(), minlength=n + 1)[1:] >= max(3, 0.02 * seed.sum()))])
     stroke[np.concatenate(_frame_sides(labels))] = False  # runs out of the window
     grown = seed
-    for _ in range(3):
+    for _ in range(8):
         close = ndimage.maximum_filter(grown, size=2 * max(1, round(0.15 * size)) + 1)  # a square around it
         joining = np.unique(labels[close])
         more = grown | np.isin(labels, joining[stroke[joining]])
@@ -2249,7 +2253,8 @@ def group_digits(parts: list[dict], contrast: np.ndarray | None = None) -> list[
     heights = [_height(g) for g in groups]
     typical = np.median(heights)
     if contrast is not None:
-        heights = [h if h >= 0.5 * typical else int(np.ptp(np.nonzero(with_faint_strokes(g, contrast, parts))[0]) + 1)
+        heights = [h if h >= 0.5 * typical else
+                   int(np.ptp(np.nonzero(with_faint_strokes(g, contrast, parts, typical))[0]) + 1)
                    for g, h in zip(groups, heights)]
     return [g for g, h in zip(groups, heights) if 0.5 * typical <= h <= 3 * typical]
 
@@ -2514,8 +2519,16 @@ def digits_in_a_row(parts: list[dict], contrast: np.ndarray, angle: float | None
         groups = on_the_page(group_digits(parts, contrast), grey)
     groups = on_the_line(off_the_page_edge(groups, grey))
     height = np.median([_height(g) for g in groups])
+    grown = []  # (group, its pixels with its faint strokes), left to right
     for group in groups:
-        ink = cut_out(with_faint_strokes(group, contrast, parts), contrast, angle)
+        mine = with_faint_strokes(group, contrast, parts, height)
+        # Two scraps of one faded digit (the ends of a thin pen's 2) each grow into the whole digit: one digit.
+        scrap = grown and min(_height(group), _height(grown[-1][0])) < 0.5 * height
+        if scrap and (grown[-1][1] & mine).any():
+            group, mine = grown[-1][0] + group, grown.pop()[1] | mine
+        grown.append((group, mine))
+    for group, mine in grown:
+        ink = cut_out(mine, contrast, angle)
         pieces = split_wide(ink, height)
         if len(pieces) > 1:  # faint strokes never make one digit two: a grid's scraps had widened a 4
             alone = split_wide(cut_out(pixels_of(group), contrast, angle), height)

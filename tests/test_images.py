@@ -1,6 +1,7 @@
 """Checkpoints and predict_digit on a user's own pictures."""
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -926,6 +927,33 @@ def test_a_digit_that_broke_into_scraps_is_still_a_digit_of_its_row():
     assert len(digits) == 3
     top, left, bottom, right = boxes[1]
     assert left < 140 < 170 < right  # the 7, found from its bar
+
+
+def test_a_digit_whose_stem_is_a_line_of_dashes_is_judged_by_the_rows_height():
+    # "171": a thin pen skipped all down the 7's stem, leaving faint dashes 9 px apart under a dark bar.
+    # The bar alone is 3 px tall: judged by its own size (42 px), the next dash was too far (over 15% of
+    # 42 px) and the stem ran out of its surroundings, so the 7 stayed a scrap and was left out. Judged by
+    # the row's digit height (80 px), the dashes join it, one round after another.
+    photo = np.full((200, 360), 0.9, np.float32) + np.random.default_rng(0).normal(0, 0.004, (200, 360))
+    strokes = [(0.9, [(60, 40), (60, 120)], 4), (0.9, [(130, 40), (172, 40)], 3), (0.9, [(260, 40), (260, 120)], 4)]
+    strokes += [(0.35, [(170 - 0.3 * (y - 40), y), (167 - 0.3 * (y - 40), y + 10)], 3) for y in (46, 65, 84, 103)]
+    for level, xy, width in strokes:
+        canvas = Image.new("L", (360, 200), 0)
+        ImageDraw.Draw(canvas).line(xy, fill=255, width=width)
+        photo *= 1 - level * np.asarray(canvas, np.float32) / 255
+    digits, _ = mnist_jax.split_digits(photo.astype(np.float32))
+    assert len(digits) == 3
+    tall, wide = (digits[1].sum(axis=1) > 0.1).sum(), (digits[1].sum(axis=0) > 0.1).sum()
+    assert tall == 20 and wide < 0.7 * tall, (tall, wide)  # the whole 7, stem and all
+
+
+def test_two_scraps_of_one_faded_digit_grow_into_one_digit():
+    """Phone-style row 164 of seed 0 (tests/phone_photos.py), "01329" in a thin pen: its 2 faded to two
+    dark scraps, one at the top of its arc and one at the foot, each a group of its own. Judged by the
+    row's height, each grows into the whole 2 by its faint strokes: they are one digit, not two."""
+    photo = Path(__file__).parent / "photos" / "row_01329_faded_2.jpg"
+    digits, boxes = mnist_jax.split_digits(photo)
+    assert len(digits) == 5, [box[1] for box in boxes]
 
 
 def test_the_two_halves_of_a_faded_0_are_one_digit_and_two_close_1s_are_two():
