@@ -1470,6 +1470,7 @@ TOUCHING = 1.4  # a piece this many times a row's digit height wide is touching 
 MARGIN_LINE = 0.06  # a lone printed line (a margin) must stand this far above the paper (contrast, 0-1)
 LINE_ANGLE = 16  # the page may be turned up to this much (degrees) either way in the photo
 LINE_FAN = 16  # and seen at a slant: its lines' angles may differ this much, top to bottom
+DOT_GRID = 8  # at least this many small, round, evenly spaced dots make a dotted page (remove_dots)
 HOLEY = 10  # a piece of ink at the frame's edge with more holes than this is a table's grain, not a digit
 ON_THE_TABLE = 0.35  # a digit's box whose brightest tenth is under this share of the paper's is on the table
 DESK_DARKER = 0.7  # a desk around the paper is under this share of the paper's brightness
@@ -1733,6 +1734,45 @@ def remove_lines(contrast: np.ndarray) -> tuple[np.ndarray, float | None]:
         if page_angle is None:
             page_angle = angle if across else -angle
     return np.nan_to_num(np.clip(contrast - printed, 0, 1)), page_angle
+
+
+def remove_dots(contrast: np.ndarray) -> np.ndarray:
+    """The contrast with a dotted page's dots taken out (a dot-grid notebook's).
+
+    A printed dot is small, round and filled, and the dots of a page are all alike and evenly spaced:
+    each has its nearest neighbour at about the same distance, several times its own size. Bits of a
+    digit are none of these together, and a pencil's grain is not evenly spaced. At least DOT_GRID
+    such dots, and most of the small round pieces, make a dotted page; fewer are left alone. Left in, dots next to a digit joined it (a 9
+    with four dots around it was read as a 4)."""
+    labels, n = ndimage.label(find_ink(contrast), structure=np.ones((3, 3)))
+    if n < DOT_GRID:
+        return contrast
+    boxes = ndimage.find_objects(labels)
+    area = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    tall = np.array([b[0].stop - b[0].start for b in boxes])
+    wide = np.array([b[1].stop - b[1].start for b in boxes])
+    round_ = (np.maximum(tall, wide) <= 2 * np.minimum(tall, wide) + 1) & (area >= 0.5 * tall * wide)
+    small = np.maximum(tall, wide) <= 0.05 * max(contrast.shape)
+    dot = round_ & small
+    if dot.sum() < DOT_GRID:
+        return contrast
+    typical = np.median(area[dot])
+    dot &= (area >= typical / 2) & (area <= 2 * typical)
+    index = np.nonzero(dot)[0][:2000]  # (bounded: a page holds a few hundred dots)
+    if len(index) < DOT_GRID:
+        return contrast
+    centres = np.array([[(boxes[i][0].start + boxes[i][0].stop) / 2, (boxes[i][1].start + boxes[i][1].stop) / 2]
+                        for i in index])
+    apart = np.hypot(*(centres[:, None] - centres[None]).transpose(2, 0, 1))
+    np.fill_diagonal(apart, np.inf)
+    nearest = apart.min(axis=1)
+    spacing = np.median(nearest)
+    size = np.median(np.maximum(tall, wide)[index])
+    even = (np.abs(nearest - spacing) <= 0.25 * spacing) & (spacing >= 3 * size)
+    if even.sum() < max(DOT_GRID, 0.7 * len(index)):  # (of random specks, under half are this even)
+        return contrast
+    printed = ndimage.binary_dilation(np.isin(labels, index[even] + 1))  # with their soft rims
+    return np.where(printed, 0.0, contrast)
 
 
 # --- 4. find the ink, and keep what may be handwriting ------------------------------------------------
@@ -2172,8 +2212,8 @@ def normalise_strokes(ink: np.ndarray) -> np.ndarray:
 
 
 def find_page(image, stages: dict) -> tuple[np.ndarray, float | None]:
-    """Steps 1-3 shared by one digit and a row: grey -> contrast -> no frame's edge -> no lines. Returns
-    the contrast and the page's angle (see `remove_lines`)."""
+    """Steps 1-3 shared by one digit and a row: grey -> contrast -> no frame's edge -> no lines or dots.
+    Returns the contrast and the page's angle (see `remove_lines`)."""
     grey = shrink(load_image(image, draft=WORK_SIDE))
     stages["grey, small"] = grey
     wide, inverted = flatten_light(grey)
@@ -2184,6 +2224,7 @@ def find_page(image, stages: dict) -> tuple[np.ndarray, float | None]:
     contrast = drop_frame_edge(contrast, wide)
     stages["desk, frame's edge dropped"] = np.nan_to_num(contrast)
     contrast, angle = remove_lines(contrast)
+    contrast = remove_dots(contrast)
     stages["lines removed"] = contrast
     return contrast, angle
 

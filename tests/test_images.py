@@ -535,6 +535,37 @@ def test_a_sticky_note_on_a_wooden_desk_is_read_without_the_desk(font_model, gra
     assert right >= 5, right
 
 
+def dotted_page(h=400, w=500, spacing=36, seed=0):
+    """A light page of a dot-grid notebook: a dark dot 5 px across every `spacing` px, as grey bytes."""
+    rng = np.random.default_rng(seed)
+    page = np.full((h, w), 232.0) + rng.normal(0, 2, (h, w))
+    rows, cols = np.mgrid[:h, :w]
+    dots = np.hypot((rows - 7) % spacing - spacing / 2, (cols - 11) % spacing - spacing / 2) <= 2.5
+    page[dots] = 90
+    return page, dots
+
+
+def test_a_dotted_pages_dots_are_taken_out_and_the_digit_is_not():
+    # A 9 on a dot grid: the dots beside it are as dark as its ink, and joined it as faint strokes or pieces
+    # of its group (a 9 with dots around it was read as a 4), and its crop took in the dots.
+    page, dots = dotted_page()
+    ink = render(9, 90, canvas=(500, 400), at=(200, 140), stroke=3)
+    photo = np.minimum(page, 232 - ink * 0.8).clip(0, 255).astype(np.uint8)
+    _, steps = mnist_jax.preprocess(photo, steps=True)
+    height, width = steps["digit"].shape
+    rows, cols = np.nonzero(ink > 128)
+    assert abs(height - np.ptp(rows) - 1) <= 6 and abs(width - np.ptp(cols) - 1) <= 6, (height, width)  # the 9 alone
+    away = dots & ~ndimage.binary_dilation(ink > 0, iterations=8)  # (dots that touch its strokes are its ink)
+    assert steps["lines removed"].shape == away.shape and steps["lines removed"][away].max() < 0.1
+    # Pencil grain, specks as dark at random places, is not a dot grid: it stays (the ink finds them).
+    rng = np.random.default_rng(1)
+    speckled = np.full((400, 500), 232.0)
+    for r, c in zip(rng.integers(5, 395, 40), rng.integers(5, 495, 40)):
+        speckled[r - 2:r + 3, c - 2:c + 3] = 90
+    contrast = 1 - speckled / 232
+    assert np.array_equal(mnist_jax.remove_dots(contrast), contrast)
+
+
 def test_a_page_edge_left_across_the_photo_is_not_the_digit(font_model):
     # Where the table beyond a page was taken out, the page's edge can stay behind: a thin dark line across
     # the photo, darker than a thin pen's digit. Our old pipeline took it for the digit, or the digit and
