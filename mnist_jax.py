@@ -1758,7 +1758,7 @@ def remove_dots(contrast: np.ndarray) -> np.ndarray:
         return contrast
     typical = np.median(area[dot])
     dot &= (area >= typical / 2) & (area <= 2 * typical)
-    index = np.nonzero(dot)[0][:2000]  # (bounded: a page holds a few hundred dots)
+    index = np.nonzero(dot)[0][:1000]  # (time and memory bounded: a page at this size holds a few hundred)
     if len(index) < DOT_GRID:
         return contrast
     centres = np.array([[(boxes[i][0].start + boxes[i][0].stop) / 2, (boxes[i][1].start + boxes[i][1].stop) / 2]
