@@ -1466,6 +1466,7 @@ LINE_MARGIN = 2.0  # a printed line varies along its length: take out twice its 
 FAINT_DIGIT = 0.2  # a digit in a row may be this faint beside the row's boldest one (a share of its contrast)
 FAINT_STROKE = 0.3  # a faint piece of a digit's stroke reaches this share of the digit's own ink somewhere
 DIGIT_WIDTH = 0.8  # a handwritten digit's width, as a share of its height (0s and 2s: 0.9; at 0.7, "00" made 3)
+RING = 0.6  # a hole this share of a wide piece's width, in its middle, makes it one digit: a wide 0
 TOUCHING = 1.4  # a piece this many times a row's digit height wide is touching digits (at 1.2, a wide 0 was two)
 MARGIN_LINE = 0.06  # a lone printed line (a margin) must stand this far above the paper (contrast, 0-1)
 LINE_ANGLE = 16  # the page may be turned up to this much (degrees) either way in the photo
@@ -2494,11 +2495,18 @@ def _height(group: list[dict]) -> int:
 def split_wide(ink: np.ndarray, height: float) -> list[np.ndarray]:
     """A piece much wider than a digit is tall (TOUCHING times the row's `height`) is touching digits: cut it
     at the emptiest columns, into as many digits as DIGIT_WIDTH says fit. A single 0 or 2 may be written as
-    wide as it is tall, and a little taller than the row's typical digit."""
+    wide as it is tall, and a little taller than the row's typical digit; and a 0 may be written wider
+    still: a piece that is one ring around a hole of most of its width (RING) is not cut."""
     h, w = ink.shape
     count = int(round(w / (DIGIT_WIDTH * height)))  # (at least 2 once w reaches TOUCHING * height)
     if count < 2 or w < TOUCHING * height:
         return [ink]
+    mask = ink > 0.5
+    holes, _ = ndimage.label(ndimage.binary_fill_holes(mask) & ~mask)
+    for hole in ndimage.find_objects(holes):  # one wide ring, in the middle: a 0 written wide, not touching
+        left, right = hole[1].start, hole[1].stop  # digits (a touching 30's ring is half of it, and at one end)
+        if right - left >= RING * w and abs((left + right) / 2 - w / 2) <= w / 6:
+            return [ink]
     columns = ndimage.uniform_filter1d(ink.sum(axis=0), 3)
     cuts = []
     for k in range(1, count):  # look for the valley near each expected boundary

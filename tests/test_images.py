@@ -989,6 +989,26 @@ def test_two_scraps_of_one_faded_digit_grow_into_one_digit():
     assert len(digits) == 5, [box[1] for box in boxes]
 
 
+def test_a_0_written_wider_than_touching_digits_is_one_digit_and_touching_digits_are_two():
+    # "101" with the 0 written 1.6 times as wide as the row is tall: wider than TOUCHING, it was cut into
+    # a '(' and a ')'. It is one ring around a hole of most of its width. "301" with the 3 and the 0
+    # touching is as wide, but its ring is the 0's, half of it and at one end: it is still cut in two.
+    def row(draw_middle):
+        canvas = Image.new("L", (460, 200), 0)
+        draw = ImageDraw.Draw(canvas)
+        draw.line([(60, 40), (60, 120)], fill=255, width=4)
+        draw_middle(draw)
+        draw.line([(380, 40), (380, 120)], fill=255, width=4)
+        return (0.9 * (1 - 0.9 * np.asarray(canvas, np.float32) / 255)).astype(np.float32)
+    wide_0 = lambda draw: draw.ellipse([(120, 40), (248, 120)], outline=255, width=4)
+    def three_and_0(draw):
+        draw.arc([(112, 40), (172, 80)], 200, 90, fill=255, width=4)
+        draw.arc([(112, 80), (172, 120)], 270, 160, fill=255, width=4)
+        draw.ellipse([(170, 40), (246, 120)], outline=255, width=4)
+    assert len(mnist_jax.split_digits(row(wide_0))[0]) == 3
+    assert len(mnist_jax.split_digits(row(three_and_0))[0]) == 4
+
+
 def test_the_two_halves_of_a_faded_0_are_one_digit_and_two_close_1s_are_two():
     # "1101": a slanted pencil 0 whose top and bottom faded away is a '(' and a ')' that share under half
     # their width, so they were two digits. Two slanted 1s written close share columns too, but are
