@@ -924,20 +924,32 @@ def test_a_digit_written_fainter_than_its_neighbours_is_still_found():
     assert len(mnist_jax.split_digits(paper_photo(ink))[0]) == 4
 
 
-def test_a_faint_piece_of_a_stroke_rejoins_its_digit_in_a_row_too():
-    # "177": the middle 7's stem fades to 30% of the dark ink below its middle, 4 px from the dark part.
-    # Without the faint half, the 7 was a bar and a stub, wider than tall, and read as anything.
+def pen_strokes(strokes) -> np.ndarray:
+    """A 360x200 photo of paper (0.9, a little noise) with straight pen strokes (level: the share of the
+    paper's light the ink takes, [(x, y), ...], width in px) drawn on it, as float32."""
     photo = np.full((200, 360), 0.9, np.float32) + np.random.default_rng(0).normal(0, 0.004, (200, 360))
-    for level, xy, width in [(0.9, [(60, 40), (60, 120)], 4),  # the 1
-                             (0.9, [(130, 40), (180, 40)], 4), (0.9, [(178, 42), (166, 80)], 3),
-                             (0.3, [(164, 85), (154, 118)], 3),  # the middle 7, fading
-                             (0.9, [(230, 40), (270, 40)], 4), (0.9, [(270, 40), (240, 120)], 4)]:  # the last 7
+    for level, xy, width in strokes:
         canvas = Image.new("L", (360, 200), 0)
         ImageDraw.Draw(canvas).line(xy, fill=255, width=width)
         photo *= 1 - level * np.asarray(canvas, np.float32) / 255
-    digits, _ = mnist_jax.split_digits(photo.astype(np.float32))
+    return photo.astype(np.float32)
+
+
+def tall_and_wide(digit28: np.ndarray) -> tuple[int, int]:
+    """How many rows and columns of a prepared 28x28 digit hold ink."""
+    return int((digit28.sum(axis=1) > 0.1).sum()), int((digit28.sum(axis=0) > 0.1).sum())
+
+
+def test_a_faint_piece_of_a_stroke_rejoins_its_digit_in_a_row_too():
+    # "177": the middle 7's stem fades to 30% of the dark ink below its middle, 4 px from the dark part.
+    # Without the faint half, the 7 was a bar and a stub, wider than tall, and read as anything.
+    digits, _ = mnist_jax.split_digits(pen_strokes([
+        (0.9, [(60, 40), (60, 120)], 4),  # the 1
+        (0.9, [(130, 40), (180, 40)], 4), (0.9, [(178, 42), (166, 80)], 3),
+        (0.3, [(164, 85), (154, 118)], 3),  # the middle 7, fading
+        (0.9, [(230, 40), (270, 40)], 4), (0.9, [(270, 40), (240, 120)], 4)]))  # the last 7
     assert len(digits) == 3
-    tall, wide = (digits[1].sum(axis=1) > 0.1).sum(), (digits[1].sum(axis=0) > 0.1).sum()
+    tall, wide = tall_and_wide(digits[1])
     assert tall > wide, (tall, wide)
 
 
@@ -967,16 +979,11 @@ def test_a_digit_whose_stem_is_a_line_of_dashes_is_judged_by_the_rows_height():
     # The bar alone is 3 px tall: judged by its own size (42 px), the next dash was too far (over 15% of
     # 42 px) and the stem ran out of its surroundings, so the 7 stayed a scrap and was left out. Judged by
     # the row's digit height (80 px), the dashes join it, one round after another.
-    photo = np.full((200, 360), 0.9, np.float32) + np.random.default_rng(0).normal(0, 0.004, (200, 360))
     strokes = [(0.9, [(60, 40), (60, 120)], 4), (0.9, [(130, 40), (172, 40)], 3), (0.9, [(260, 40), (260, 120)], 4)]
     strokes += [(0.35, [(170 - 0.3 * (y - 40), y), (167 - 0.3 * (y - 40), y + 10)], 3) for y in (46, 65, 84, 103)]
-    for level, xy, width in strokes:
-        canvas = Image.new("L", (360, 200), 0)
-        ImageDraw.Draw(canvas).line(xy, fill=255, width=width)
-        photo *= 1 - level * np.asarray(canvas, np.float32) / 255
-    digits, _ = mnist_jax.split_digits(photo.astype(np.float32))
+    digits, _ = mnist_jax.split_digits(pen_strokes(strokes))
     assert len(digits) == 3
-    tall, wide = (digits[1].sum(axis=1) > 0.1).sum(), (digits[1].sum(axis=0) > 0.1).sum()
+    tall, wide = tall_and_wide(digits[1])
     assert tall == 20 and wide < 0.7 * tall, (tall, wide)  # the whole 7, stem and all
 
 
