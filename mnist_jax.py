@@ -1471,7 +1471,7 @@ TOUCHING = 1.4  # a piece this many times a row's digit height wide is touching 
 MARGIN_LINE = 0.06  # a lone printed line (a margin) must stand this far above the paper (contrast, 0-1)
 LINE_ANGLE = 16  # the page may be turned up to this much (degrees) either way in the photo
 LINE_FAN = 16  # and seen at a slant: its lines' angles may differ this much, top to bottom
-DOT_GRID = 8  # at least this many small, round, evenly spaced dots make a dotted page (remove_dots)
+DOT_GRID = 12  # at least this many small, round, evenly spaced dots make a dotted page (remove_dots)
 HOLEY = 10  # a piece of ink at the frame's edge with more holes than this is a table's grain, not a digit
 ON_THE_TABLE = 0.35  # a digit's box whose brightest tenth is under this share of the paper's is on the table
 DESK_DARKER = 0.7  # a desk around the paper is under this share of the paper's brightness
@@ -1737,43 +1737,45 @@ def remove_lines(contrast: np.ndarray) -> tuple[np.ndarray, float | None]:
     return np.nan_to_num(np.clip(contrast - printed, 0, 1)), page_angle
 
 
+def _dot_like(labels: np.ndarray, n: int, side: int) -> np.ndarray:
+    """Which of the n labelled pieces of ink (label i + 1 at index i) look like printed dots: small (under
+    5% of the photo's shorter `side`), round and filled, and within a factor of 2 of their median area."""
+    boxes = ndimage.find_objects(labels)
+    area = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    tall = np.array([b[0].stop - b[0].start for b in boxes])
+    wide = np.array([b[1].stop - b[1].start for b in boxes])
+    extent = np.maximum(tall, wide)
+    dot = (extent <= 2 * np.minimum(tall, wide) + 1) & (area >= 0.5 * tall * wide) & (extent <= 0.05 * side)
+    if dot.any():
+        typical = np.median(area[dot])
+        dot &= (area >= typical / 2) & (area <= 2 * typical)
+    return dot
+
+
 def remove_dots(contrast: np.ndarray) -> np.ndarray:
     """The contrast with a dotted page's dots taken out (a dot-grid notebook's).
 
     A printed dot is small, round and filled, and the dots of a page are all alike and evenly spaced:
     each has its nearest neighbour at about the same distance, several times its own size. Bits of a
     digit are none of these together, and a pencil's grain is not evenly spaced. At least DOT_GRID
-    such dots, and most of the small round pieces, make a dotted page; fewer are left alone. Left in, dots next to a digit joined it (a 9
-    with four dots around it was read as a 4)."""
+    such dots, and most of the dot-like pieces, make a dotted page; fewer are left alone. Left in,
+    dots next to a digit joined it (a 9 with four dots around it was read as a 4)."""
     labels, n = ndimage.label(find_ink(contrast), structure=np.ones((3, 3)))
-    if n < DOT_GRID:
+    dots = np.nonzero(_dot_like(labels, n, min(contrast.shape)))[0] if n >= DOT_GRID else []
+    if len(dots) < DOT_GRID:
         return contrast
+    from scipy.spatial import cKDTree  # (imported here, as only a photo with dots needs it)
     boxes = ndimage.find_objects(labels)
-    area = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    tall = np.array([b[0].stop - b[0].start for b in boxes])
-    wide = np.array([b[1].stop - b[1].start for b in boxes])
-    round_ = (np.maximum(tall, wide) <= 2 * np.minimum(tall, wide) + 1) & (area >= 0.5 * tall * wide)
-    small = np.maximum(tall, wide) <= 0.05 * max(contrast.shape)
-    dot = round_ & small
-    if dot.sum() < DOT_GRID:
-        return contrast
-    typical = np.median(area[dot])
-    dot &= (area >= typical / 2) & (area <= 2 * typical)
-    index = np.nonzero(dot)[0][:1000]  # (time and memory bounded: a page at this size holds a few hundred)
-    if len(index) < DOT_GRID:
-        return contrast
     centres = np.array([[(boxes[i][0].start + boxes[i][0].stop) / 2, (boxes[i][1].start + boxes[i][1].stop) / 2]
-                        for i in index])
-    apart = np.hypot(*(centres[:, None] - centres[None]).transpose(2, 0, 1))
-    np.fill_diagonal(apart, np.inf)
-    nearest = apart.min(axis=1)
+                        for i in dots])
+    size = np.median([max(boxes[i][0].stop - boxes[i][0].start, boxes[i][1].stop - boxes[i][1].start) for i in dots])
+    nearest = cKDTree(centres).query(centres, k=2)[0][:, 1]  # each dot's nearest other dot (a tree: n log n)
     spacing = np.median(nearest)
-    size = np.median(np.maximum(tall, wide)[index])
-    even = (np.abs(nearest - spacing) <= 0.25 * spacing) & (spacing >= 3 * size)
-    if even.sum() < max(DOT_GRID, 0.7 * len(index)):  # (of random specks, under half are this even)
+    even = np.abs(nearest - spacing) <= 0.25 * spacing
+    if spacing < 3 * size or even.sum() < max(DOT_GRID, 0.8 * len(dots)):  # (random specks: under half are even)
         return contrast
-    printed = ndimage.binary_dilation(np.isin(labels, index[even] + 1))  # with their soft rims
-    return np.where(printed, 0.0, contrast)
+    dotted = ndimage.binary_dilation(np.isin(labels, dots[even] + 1))  # with their soft rims
+    return np.where(dotted, 0.0, contrast)
 
 
 # --- 4. find the ink, and keep what may be handwriting ------------------------------------------------
@@ -2492,6 +2494,23 @@ def _height(group: list[dict]) -> int:
     return bottom - top
 
 
+def _one_wide_ring(mask: np.ndarray) -> bool:
+    """Is this piece of ink (a mask cut to its box) one ring around a hole of at least RING of its width,
+    in its middle: a 0 written wide? Nearly all of its ink (90%) must lie within a stroke's width of the
+    hole. Touching digits are not: a touching 30's ring is half of it and at one end, and where two digits
+    close a hole between them, the rest of their strokes lie away from it."""
+    holes, n = ndimage.label(ndimage.binary_fill_holes(mask) & ~mask)
+    w = mask.shape[1]
+    reach = 1.5 * stroke_width(mask) + 1
+    for i, hole in enumerate(ndimage.find_objects(holes), start=1):
+        left, right = hole[1].start, hole[1].stop
+        if right - left >= RING * w and abs((left + right) / 2 - w / 2) <= w / 6:
+            near = ndimage.distance_transform_edt(holes != i) <= reach
+            if (mask & near).sum() >= 0.9 * mask.sum():
+                return True
+    return False
+
+
 def split_wide(ink: np.ndarray, height: float) -> list[np.ndarray]:
     """A piece much wider than a digit is tall (TOUCHING times the row's `height`) is touching digits: cut it
     at the emptiest columns, into as many digits as DIGIT_WIDTH says fit. A single 0 or 2 may be written as
@@ -2501,12 +2520,8 @@ def split_wide(ink: np.ndarray, height: float) -> list[np.ndarray]:
     count = int(round(w / (DIGIT_WIDTH * height)))  # (at least 2 once w reaches TOUCHING * height)
     if count < 2 or w < TOUCHING * height:
         return [ink]
-    mask = ink > 0.5
-    holes, _ = ndimage.label(ndimage.binary_fill_holes(mask) & ~mask)
-    for hole in ndimage.find_objects(holes):  # one wide ring, in the middle: a 0 written wide, not touching
-        left, right = hole[1].start, hole[1].stop  # digits (a touching 30's ring is half of it, and at one end)
-        if right - left >= RING * w and abs((left + right) / 2 - w / 2) <= w / 6:
-            return [ink]
+    if _one_wide_ring(ink > 0.5):
+        return [ink]
     columns = ndimage.uniform_filter1d(ink.sum(axis=0), 3)
     cuts = []
     for k in range(1, count):  # look for the valley near each expected boundary
@@ -2555,6 +2570,24 @@ def fainter_digits(groups: list[list[dict]], known: np.ndarray, contrast: np.nda
     return np.isin(labels, digits)
 
 
+def _grew_into_one(a: tuple, b: tuple, height: float) -> bool:
+    """Are two neighbouring groups of a row, each with its faint strokes grown (group, mask), one digit?
+    Two scraps of one faded digit (the ends of a thin pen's 2) each grow into the whole digit: they are,
+    if both are short (under half the row's `height`) and their masks meet. A scrap beside a whole digit
+    is, if their masks meet and together they are under a quarter of the row's height wider than the
+    digit's own ink (a scrap of a grid line at the edge of a faint 0); a faded 7 written close after a 1
+    is a whole digit wider."""
+    (group_a, mask_a), (group_b, mask_b) = a, b
+    short_a, short_b = _height(group_a) < 0.5 * height, _height(group_b) < 0.5 * height
+    if not (short_a or short_b) or not (mask_a & mask_b).any():
+        return False
+    if short_a and short_b:
+        return True
+    _, left, _, right = _union([p["box"] for p in (group_b if short_a else group_a)])  # the whole digit's ink
+    columns = np.nonzero((mask_a | mask_b).any(axis=0))[0]
+    return columns.max() + 1 - columns.min() <= right - left + 0.25 * height
+
+
 def digits_in_a_row(parts: list[dict], contrast: np.ndarray, angle: float | None, stages: dict):
     """Steps 5-6 for a row: the pieces grouped into digits left to right, each cut out and fitted to 28x28.
     Returns ([28x28 arrays], [boxes (top, left, bottom, right) in the shrunk photo's pixels])."""
@@ -2575,10 +2608,9 @@ def digits_in_a_row(parts: list[dict], contrast: np.ndarray, angle: float | None
     grown = []  # (group, its pixels with its faint strokes), left to right
     for group in groups:
         mine = with_faint_strokes(group, contrast, parts, height)
-        # Two scraps of one faded digit (the ends of a thin pen's 2) each grow into the whole digit: one digit.
-        scrap = grown and min(_height(group), _height(grown[-1][0])) < 0.5 * height
-        if scrap and (grown[-1][1] & mine).any():
-            group, mine = grown[-1][0] + group, grown.pop()[1] | mine
+        if grown and _grew_into_one(grown[-1], (group, mine), height):
+            previous, previous_mine = grown.pop()
+            group, mine = previous + group, previous_mine | mine
         grown.append((group, mine))
     for group, mine in grown:
         ink = cut_out(mine, contrast, angle)
