@@ -2192,7 +2192,7 @@ def normalise_strokes(ink: np.ndarray) -> np.ndarray:
 
     The width is measured by `stroke_width`. A digit under 40 px is left as it is: a pixel more or
     less would change it too much, and there is nothing to measure.
-    Why only thin strokes, and never thinner: growing a stroke by whole pixels also closes a small
+    Why only thin strokes, and never thinned: growing a stroke by whole pixels also closes a small
     loop, and thinning a marker's strokes (MNIST has fat ones too) hollowed out filled loops and cut
     joints; without thinning, the USPS and phone-style photos were read 0.2-0.5 points better. Why 3/4
     and not 1/2 (hairlines only): a fine-liner's digits, between the two, were read worse than MNIST-wide
