@@ -1758,7 +1758,7 @@ def remove_dots(contrast: np.ndarray) -> np.ndarray:
     A printed dot is small, round and filled, and the dots of a page are all alike and evenly spaced:
     each has its nearest neighbour at about the same distance, several times its own size. Bits of a
     digit are none of these together, and a pencil's grain is not evenly spaced. At least DOT_GRID
-    such dots, and most of the dot-like pieces, make a dotted page; fewer are left alone. Left in,
+    such dots, and 80% of the dot-like pieces, make a dotted page; fewer are left alone. Left in,
     dots next to a digit joined it (a 9 with four dots around it was read as a 4)."""
     labels, n = ndimage.label(find_ink(contrast), structure=np.ones((3, 3)))
     dots = np.nonzero(_dot_like(labels, n, min(contrast.shape)))[0] if n >= DOT_GRID else []
@@ -1772,7 +1772,7 @@ def remove_dots(contrast: np.ndarray) -> np.ndarray:
     nearest = cKDTree(centres).query(centres, k=2)[0][:, 1]  # each dot's nearest other dot (a tree: n log n)
     spacing = np.median(nearest)
     even = np.abs(nearest - spacing) <= 0.25 * spacing
-    if spacing < 3 * size or even.sum() < max(DOT_GRID, 0.8 * len(dots)):  # (random specks: under half are even)
+    if spacing < 3 * size or even.sum() < max(DOT_GRID, 0.8 * len(dots)):  # (of random specks, under half are)
         return contrast
     dotted = ndimage.binary_dilation(np.isin(labels, dots[even] + 1))  # with their soft rims
     return np.where(dotted, 0.0, contrast)
@@ -2499,7 +2499,7 @@ def _one_wide_ring(mask: np.ndarray) -> bool:
     in its middle: a 0 written wide? Nearly all of its ink (90%) must lie within a stroke's width of the
     hole. Touching digits are not: a touching 30's ring is half of it and at one end, and where two digits
     close a hole between them, the rest of their strokes lie away from it."""
-    holes, n = ndimage.label(ndimage.binary_fill_holes(mask) & ~mask)
+    holes, _ = ndimage.label(ndimage.binary_fill_holes(mask) & ~mask)
     w = mask.shape[1]
     reach = 1.5 * stroke_width(mask) + 1
     for i, hole in enumerate(ndimage.find_objects(holes), start=1):
