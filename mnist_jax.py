@@ -1473,6 +1473,8 @@ LINE_ANGLE = 16  # the page may be turned up to this much (degrees) either way i
 LINE_FAN = 16  # and seen at a slant: its lines' angles may differ this much, top to bottom
 DOT_GRID = 12  # at least this many small, round, evenly spaced dots make a dotted page (remove_dots)
 HOLEY = 10  # a piece of ink at the frame's edge with more holes than this is a table's grain, not a digit
+SMALLEST_DIGIT = 0.05  # a digit's box is at least this share of the frame's shorter side (a speck is not one)
+STRAIGHT = 0.15  # a piece whose ink spreads across its length under this share of along it is a straight stroke
 ON_THE_TABLE = 0.35  # a digit's box whose brightest tenth is under this share of the paper's is on the table
 DESK_DARKER = 0.7  # a desk around the paper is under this share of the paper's brightness
 OFF_THE_LINE = 0.75  # a row's group whose middle is this far off the others' line (of their height) is no digit
@@ -2108,6 +2110,53 @@ def keep_digit(parts: list[dict]) -> list[dict]:
     return group
 
 
+def _straight_stroke(piece: np.ndarray) -> tuple[bool, float]:
+    """Is a piece of ink (a mask) one straight stroke, and at what angle to the vertical (degrees, 0-90)?
+    From the spread of its pixels (their covariance): along its length, and across it, under STRAIGHT of that."""
+    rows, cols = np.nonzero(piece)
+    if len(rows) < 3:
+        return False, 0.0
+    across, along = np.linalg.eigh(np.cov(np.stack([rows, cols]).astype(np.float64)))
+    direction = along[:, 1]  # (row, column) of the longer axis
+    straight = np.sqrt(max(across[0], 0.0)) < STRAIGHT * np.sqrt(max(across[1], 1e-12))
+    return bool(straight), float(np.degrees(np.arctan2(abs(direction[1]), abs(direction[0]))))
+
+
+def looks_like_a_digit(mine: np.ndarray, side: int) -> bool:
+    """Could this ink (a mask: a digit's pixels with its faint strokes) be a handwritten digit, in a photo
+    whose shorter side is `side` px? On a page with no digit, what is left is what the earlier steps did
+    not take out: a speck, scraps of a ruled line (where a shadow or a slant bent it), the grid's lines
+    side by side, a corner of a wooden table. So not a digit are: a box under SMALLEST_DIGIT of the frame;
+    ink riddled with holes (over HOLEY of 5 px or more: a table's grain); and, leaving out scraps under a fifth of the biggest piece,
+    more than 6 pieces, pieces that are all straight strokes lying nearer flat than upright (no digit is
+    a '-'), or two or more straight strokes, parallel and side by side (a 1 that faded in two is one
+    above the other)."""
+    rows, cols = np.nonzero(mine)
+    if not len(rows) or max(np.ptp(rows), np.ptp(cols)) + 1 < SMALLEST_DIGIT * side:
+        return False
+    ink = mine[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    paper, _ = ndimage.label(~np.pad(ink, 1))  # the paper outside the ink, and in each of its holes
+    if (np.bincount(paper.ravel())[1:] >= 5).sum() - 1 > HOLEY:  # holes of 5 px or more: a pencil's grain leaves
+        return False                                           # many smaller pinholes in a faint digit's strokes
+    labels, n = ndimage.label(ink, structure=np.ones((3, 3)))
+    area = np.bincount(labels.ravel())[1:]
+    pieces = [i + 1 for i in np.nonzero(area >= 0.2 * area.max())[0]]
+    if len(pieces) > 6:
+        return False
+    strokes = [_straight_stroke(labels == i) for i in pieces]
+    if not all(straight for straight, _ in strokes):
+        return True
+    angles = [angle for _, angle in strokes]
+    if min(angles) > 45:
+        return False
+    spans = [box[0] for box in ndimage.find_objects(labels)]  # each piece's rows
+    shared = lambda a, b: min(a.stop, b.stop) - max(a.start, b.start)
+    side_by_side = any(shared(spans[a - 1], spans[b - 1]) >= 0.5 * min(spans[a - 1].stop - spans[a - 1].start,
+                                                                      spans[b - 1].stop - spans[b - 1].start)
+                       for i, a in enumerate(pieces) for b in pieces[i + 1:])
+    return not (side_by_side and max(angles) - min(angles) < 10)
+
+
 def pixels_of(parts: list[dict]) -> np.ndarray:
     """A mask of the pieces' pixels in the whole photo."""
     return np.isin(parts[0]["labels"], [p["label"] for p in parts])
@@ -2245,10 +2294,15 @@ def find_parts(image, contrast: np.ndarray, stages: dict, row: bool = False) -> 
     return parts
 
 
-def one_digit(parts: list[dict], contrast: np.ndarray, angle: float | None, stages: dict) -> np.ndarray:
-    """Steps 5-6 for one digit: keep the main group of strokes, cut it out, strokes like MNIST's, 28x28."""
+def one_digit(image, parts: list[dict], contrast: np.ndarray, angle: float | None, stages: dict) -> np.ndarray:
+    """Steps 5-6 for one digit: keep the main group of strokes, cut it out, strokes like MNIST's, 28x28.
+    Raises ImageError if that group is no digit (`looks_like_a_digit`); `image` names the photo there."""
     parts = pieces_on_the_page(parts, stages["grey, small"])
-    ink = cut_out(with_faint_strokes(keep_digit(parts), contrast, parts), contrast, angle)
+    mine = with_faint_strokes(keep_digit(parts), contrast, parts)
+    if not looks_like_a_digit(mine, min(contrast.shape)):
+        raise ImageError(f"no digit found in {_image_name(image)}: what stands out from the paper is a speck, "
+                         "straight lines or grain, not handwriting. Photograph the digit larger, darker, or closer.")
+    ink = cut_out(mine, contrast, angle)
     stages["digit"] = ink
     ink = normalise_strokes(ink)
     stages["strokes like MNIST's"] = ink
@@ -2268,7 +2322,7 @@ def preprocess(image, steps: bool = False):
     """
     stages = {}
     contrast, angle = find_page(image, stages)
-    result = one_digit(find_parts(image, contrast, stages), contrast, angle, stages)
+    result = one_digit(image, find_parts(image, contrast, stages), contrast, angle, stages)
     return (result, stages) if steps else result
 
 
@@ -2604,7 +2658,7 @@ def digits_in_a_row(parts: list[dict], contrast: np.ndarray, angle: float | None
         parts = pieces_on_the_page(ink_parts(mask, contrast), grey)
         groups = on_the_page(group_digits(parts, contrast), grey)
     groups = on_the_line(off_the_page_edge(groups, grey))
-    height = np.median([_height(g) for g in groups])
+    height = np.median([_height(g) for g in groups]) if groups else 0.0
     grown = []  # (group, its pixels with its faint strokes), left to right
     for group in groups:
         mine = with_faint_strokes(group, contrast, parts, height)
@@ -2612,6 +2666,7 @@ def digits_in_a_row(parts: list[dict], contrast: np.ndarray, angle: float | None
             previous, previous_mine = grown.pop()
             group, mine = previous + group, previous_mine | mine
         grown.append((group, mine))
+    grown = [(group, mine) for group, mine in grown if looks_like_a_digit(mine, min(contrast.shape))]
     for group, mine in grown:
         ink = cut_out(mine, contrast, angle)
         pieces = split_wide(ink, height)
@@ -3212,7 +3267,7 @@ def predict_upload(model, body: bytes) -> dict:
     stages = {}
     image = _open_upload(body)
     contrast, angle = find_page(image, stages)
-    img28 = one_digit(find_parts(image, contrast, stages), contrast, angle, stages)
+    img28 = one_digit(image, find_parts(image, contrast, stages), contrast, angle, stages)
     probs = np.asarray(probabilities(model, img28), np.float64).reshape(10)
     answer = {"digit": int(np.argmax(probs)), "probabilities": [round(float(p), 6) for p in probs],
               "input28": _png_data_url(img28)}

@@ -13,7 +13,8 @@ Prints, on the real training images:
   manual   --grad manual against --grad auto: seconds per epoch and accuracy.
   serve    requests/s and p50/p95 latency of `serve`'s POST /predict for a 280x280 drawing.
   photos   predict_digit and read_number on the USPS photos and phone-style photos, for each checkpoint in
-           BENCH_MODELS; and the time from a 4000x3000 JPEG to its digit.
+           BENCH_MODELS; how many blank pages they answer 'no digit found'; and the time from a 4000x3000
+           JPEG to its digit.
 Timings leave out compilation. Each time is the median of several epochs, with JAX and PyTorch taking
 turns; each ratio is the median over those rounds of the two epochs' times in the same round, so that a
 stretch when the machine runs slow (these shared machines have them) slows both sides of a ratio alike.
@@ -366,7 +367,8 @@ def bench_serve(model=None, seconds: float = 3.0, clients: int = 4):
 def bench_photos(data):
     """predict_digit on the USPS photos and on phone-style photos (tests/phone_photos.py, seed 0: 600 photos
     and 200 rows of 3-5 digits), for each checkpoint in BENCH_MODELS (comma separated; default the last
-    run's); and the time from a 4000x3000 JPEG file to its digit, the model loaded."""
+    run's); 200 blank pages of the same kind, which should be 'no digit found'; and the time from a
+    4000x3000 JPEG file to its digit, the model loaded."""
     import csv
     import tempfile
     import phone_photos
@@ -398,6 +400,16 @@ def bench_photos(data):
             except mnist_jax.ImageError:
                 pass
         print(line + f" rows read exactly {exact}/{len(rows)} ({exact / len(rows):.1%})")
+    said = {"predict_digit": 0, "read_number": 0}  # a page with nothing written on it: 'no digit found', never a guess
+    blanks = list(phone_photos.blank_photos(200, seed=0))
+    for image in blanks:
+        for name, read in (("predict_digit", mnist_jax.predict_digit), ("read_number", mnist_jax.read_number)):
+            try:
+                read(image, model)
+            except mnist_jax.ImageError:
+                said[name] += 1
+    print(f"blank pages (the same papers, light and tables, nothing written): 'no digit found' from "
+          + ", ".join(f"{name} {n}/{len(blanks)}" for name, n in said.items()))
     with tempfile.TemporaryDirectory() as folder:
         image, label = next(phone_photos.single_photos(1, seed=99))
         big = Path(folder) / "big.jpg"

@@ -132,8 +132,9 @@ def photo(glyphs, rng, row=False):
         coord = [ys - (P - h) / 2, (P + h) / 2 - ys, xs - (P - w) / 2, (P + w) / 2 - xs][side_]
         reach = (h if side_ < 2 else w) * edge
         bbox = ink.nonzero()  # keep the table off the handwriting
-        near = [bbox[0].min() - (P - h) / 2, (P + h) / 2 - bbox[0].max(), bbox[1].min() - (P - w) / 2, (P + w) / 2 - bbox[1].max()][side_]
-        reach = min(reach, 0.8 * near)
+        if len(bbox[0]):  # (a blank page has none)
+            near = [bbox[0].min() - (P - h) / 2, (P + h) / 2 - bbox[0].max(), bbox[1].min() - (P - w) / 2, (P + w) / 2 - bbox[1].max()][side_]
+            reach = min(reach, 0.8 * near)
         page = np.where((coord < reach)[..., None], (table * rng.uniform(0.8, 1.2, (P, P, 1))).astype(np.float32), page)
     # Turn the page by up to 15 degrees and cut the frame out of its middle.
     turned = Image.fromarray((np.clip(page, 0, 1) * 255).astype(np.uint8)).rotate(rng.uniform(-15, 15), Image.BILINEAR)
@@ -164,13 +165,13 @@ def _jpeg(image, rng):
     return buf.getvalue()
 
 
-def _photos(count, seed, row):
+def _photos(count, seed, row, blank=False):
     labels, glyphs = usps_digits()
-    rng = np.random.default_rng([seed, row])
+    rng = np.random.default_rng([seed, row] + [2] * blank)
     for _ in range(count):
         picks = rng.integers(0, len(labels), rng.integers(3, 6) if row else 1)
         label = "".join(str(labels[i]) for i in picks) if row else int(labels[picks[0]])
-        image, notes = photo(glyphs[picks], rng, row)
+        image, notes = photo(glyphs[picks] * (not blank), rng, row)
         yield _jpeg(image, rng), label, notes
 
 
@@ -184,6 +185,12 @@ def row_photos(count, seed=0):
     """`count` (PIL.Image, digits as a str) pairs: phone photos of 3-5 USPS digits written on one line."""
     for data, label, _ in _photos(count, seed, row=True):
         yield Image.open(io.BytesIO(data)), label
+
+
+def blank_photos(count, seed=0):
+    """`count` PIL images: the same pages, light and tables as single_photos', with nothing written on them."""
+    for data, _, _ in _photos(count, seed, row=False, blank=True):
+        yield Image.open(io.BytesIO(data))
 
 
 def write(folder, count=600, rows=200, seed=0):
