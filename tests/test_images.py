@@ -1,5 +1,6 @@
 """Checkpoints and predict_digit on a user's own pictures."""
 import io
+import math
 import json
 from pathlib import Path
 
@@ -314,6 +315,12 @@ DIGITS_OF_STRAIGHT_STROKES = {
     "a 7, the pen lifted": [(0.8, [(140, 45), (215, 45)], 5), (0.8, [(212, 55), (175, 160)], 5)],
     "a 4 of three strokes": [(0.8, [(150, 40), (135, 110)], 5), (0.8, [(128, 112), (215, 112)], 5),
                              (0.8, [(195, 60), (195, 165)], 5)],
+    # A review's cases: a 1 slanted 30 degrees on a page turned 16 (46 degrees from upright in the photo),
+    # and a 0 in 9 dashes, a pen that skipped (more than 6 pieces were refused at first).
+    "a 1 slanted 46 degrees": [(0.8, [(140, 150), (225, 68)], 5)],
+    "a 0 in dashes": [(0.8, [(180 + 40 * math.cos(a), 100 + 65 * math.sin(a)),
+                             (180 + 40 * math.cos(a + 0.45), 100 + 65 * math.sin(a + 0.45))], 3)
+                      for a in np.arange(9) * 2 * math.pi / 9],
 }
 
 
