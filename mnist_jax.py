@@ -2002,9 +2002,11 @@ def ink_parts(mask: np.ndarray, contrast: np.ndarray) -> list[dict]:
     return [p for p in parts if p["label"] not in edges] if len(edges) < len(parts) else parts
 
 
-def _holes(mask: np.ndarray) -> int:
-    """How many holes a piece of ink (a mask cut to its box) has: pieces of paper it closes all around."""
-    return ndimage.label(~np.pad(mask, 1))[1] - 1  # (less the paper outside it)
+def _holes(mask: np.ndarray, least: int = 1) -> int:
+    """How many holes a piece of ink (a mask cut to its box) has: pieces of paper it closes all around, of
+    at least `least` pixels."""
+    paper, _ = ndimage.label(~np.pad(mask, 1))
+    return int((np.bincount(paper.ravel())[1:] >= least).sum()) - 1  # (less the paper outside it)
 
 
 def _page_edges(parts: list[dict], labels: np.ndarray) -> set[int]:
@@ -2135,13 +2137,11 @@ def looks_like_a_digit(mine: np.ndarray, side: int) -> bool:
     if not len(rows) or max(np.ptp(rows), np.ptp(cols)) + 1 < SMALLEST_DIGIT * side:
         return False
     ink = mine[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-    paper, _ = ndimage.label(~np.pad(ink, 1))  # the paper outside the ink, and in each of its holes
     # Holes of 5 px or more in a photo of WORK_SIDE (more in a bigger one): a pencil's grain leaves many
     # smaller pinholes in a faint digit's strokes.
-    big_hole = max(5.0, 5.0 * (side / WORK_SIDE) ** 2)
-    if (np.bincount(paper.ravel())[1:] >= big_hole).sum() - 1 > HOLEY:
+    if _holes(ink, least=int(np.ceil(max(5.0, 5.0 * (side / WORK_SIDE) ** 2)))) > HOLEY:
         return False
-    labels, n = ndimage.label(ink, structure=np.ones((3, 3)))
+    labels, _ = ndimage.label(ink, structure=np.ones((3, 3)))
     area = np.bincount(labels.ravel())[1:]
     pieces = [i + 1 for i in np.nonzero(area >= 0.2 * area.max())[0]]
     strokes = [_straight_stroke(labels == i) for i in pieces]
@@ -2150,11 +2150,10 @@ def looks_like_a_digit(mine: np.ndarray, side: int) -> bool:
     angles = [angle for _, angle in strokes]
     if min(angles) > 60:  # (not 45: a 1 slanted 30 degrees on a page turned 16 is at 46 in the photo)
         return False
-    spans = [box[0] for box in ndimage.find_objects(labels)]  # each piece's rows
-    shared = lambda a, b: min(a.stop, b.stop) - max(a.start, b.start)
-    side_by_side = any(shared(spans[a - 1], spans[b - 1]) >= 0.5 * min(spans[a - 1].stop - spans[a - 1].start,
-                                                                      spans[b - 1].stop - spans[b - 1].start)
-                       for i, a in enumerate(pieces) for b in pieces[i + 1:])
+    boxes = [(r.start, c.start, r.stop, c.stop) for r, c in ndimage.find_objects(labels)]
+    boxes = [boxes[i - 1] for i in pieces]
+    side_by_side = any(_shared_rows(a, b) >= 0.5 * min(a[2] - a[0], b[2] - b[0])
+                       for i, a in enumerate(boxes) for b in boxes[i + 1:])
     return not (side_by_side and max(angles) - min(angles) < 10)
 
 
