@@ -338,7 +338,8 @@ def test_a_speck_or_straight_scraps_of_lines_are_no_digit(what):
 
 def test_most_blank_phone_style_pages_are_no_digit_found():
     # The first 40 blank pages of tests/phone_photos.py (seed 0: ruled, squared, shadows, the table, slants
-    # of up to 15 degrees): the code before `looks_like_a_digit` refused 24 of them, this refuses 33.
+    # of up to 15 degrees): the code before `looks_like_a_digit` refused 24 of them, 33 before it refused
+    # ink barely darker than the paper, 38 now.
     import phone_photos
     refused = 0
     for page in phone_photos.blank_photos(40, seed=0):
@@ -346,7 +347,7 @@ def test_most_blank_phone_style_pages_are_no_digit_found():
             mnist_jax.preprocess(page)
         except mnist_jax.ImageError as e:
             refused += "no digit found" in str(e)
-    assert refused >= 30
+    assert refused >= 35
 
 
 @pytest.mark.parametrize("what", DIGITS_OF_STRAIGHT_STROKES)
@@ -1142,6 +1143,37 @@ def test_a_scrap_of_the_page_edge_beside_the_desk_is_not_a_1_but_a_1_on_the_pape
     photo[:, :80] = 0.9
     photo[:, 76:80] = 0.2
     assert len(mnist_jax.split_digits(photo)[0]) == 4
+
+
+def test_the_slanted_edge_of_a_turned_page_beside_the_desk_is_not_a_1():
+    # "771" on a page turned on a dark desk, so that the page's edge and the desk's border slant (a
+    # seventh and an eighth generator's rows gained a 1 there: "1047" for "104"). The scrap of the edge
+    # is thin and straight, but its box is wider than a quarter of the row's height.
+    photo = np.full((200, 400), 0.9, np.float32) + np.random.default_rng(0).normal(0, 0.004, (200, 400))
+    x = np.arange(400)[None, :]
+    y = np.arange(200)[:, None]
+    photo[x > 305 + (y - 45) * 30 / 70 + 10] = 0.25  # the desk, beyond a border 10 px right of the scrap
+    canvas = Image.new("L", (400, 200), 0)
+    draw = ImageDraw.Draw(canvas)
+    for x0 in (60, 150):  # the 7s
+        draw.line([(x0, 40), (x0 + 45, 40)], fill=255, width=4)
+        draw.line([(x0 + 45, 40), (x0 + 15, 120)], fill=255, width=4)
+    draw.line([(250, 40), (250, 120)], fill=255, width=4)  # the 1
+    draw.line([(305, 45), (335, 115)], fill=255, width=3)  # the scrap of the page's edge
+    photo *= 1 - 0.9 * np.asarray(canvas, np.float32) / 255
+    digits, boxes = mnist_jax.split_digits(photo)
+    assert len(digits) == 3 and boxes[-1][3] < 260
+
+
+def test_ink_barely_darker_than_the_paper_is_no_digit_but_a_light_pencils_is():
+    # On the blank pages of two photo generators, most of what was still read as a digit stood only 10-12%
+    # above its paper: a shadow's soft edge, a faded line. The faintest digit they read right stood 13%.
+    seven = lambda level: pen_strokes([(level, [(140, 45), (215, 45), (175, 160)], 5)])
+    with pytest.raises(mnist_jax.ImageError, match="no digit found"):
+        mnist_jax.preprocess(seven(0.11))
+    with pytest.raises(mnist_jax.ImageError, match="no digit found"):
+        mnist_jax.split_digits(seven(0.11))
+    assert tall_and_wide(mnist_jax.preprocess(seven(0.16)))[0] >= 18
 
 
 def test_a_1_written_close_after_a_3_is_its_own_digit_and_a_5s_lifted_flag_is_not():
