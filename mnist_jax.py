@@ -1474,10 +1474,10 @@ LINE_FAN = 16  # and seen at a slant: its lines' angles may differ this much, to
 DOT_GRID = 12  # at least this many small, round, evenly spaced dots make a dotted page (remove_dots)
 HOLEY = 10  # ink with more holes than this is a table's grain, not a digit (at the frame's edge; of 5 px, anywhere)
 SMALLEST_DIGIT = 0.05  # a digit's box is at least this share of the frame's shorter side (a speck is not one)
-FAINTEST_DIGIT = 0.12  # a digit's darkest tenth is at least this much darker than its paper (a share, 0-1)
+FAINTEST_DIGIT = 0.12  # a digit's strongest tenth stands at least this far from its paper (contrast, 0-1)
 STRAIGHT = 0.15  # a piece whose ink spreads across its length under this share of along it is a straight stroke
-EDGE_SLIVER = 0.25  # a row's end scrap under this share of its height wide, by the desk, may be the page's edge
-ON_THE_TABLE = 0.35  # a digit's box whose brightest tenth is under this share of the paper's is on the table
+EDGE_SLIVER = 0.25  # a row's end scrap at most this share of its height wide, by the desk, may be the page's edge
+ON_THE_TABLE = 0.35  # a digit's box whose brightest tenth (or a row's end group's paper) is under this share of the paper's is on the table
 DESK_DARKER = 0.7  # a desk around the paper is under this share of the paper's brightness
 OFF_THE_LINE = 0.75  # a row's group whose middle is this far off the others' line (of their height) is no digit
 
@@ -2113,16 +2113,16 @@ def keep_digit(parts: list[dict]) -> list[dict]:
     return group
 
 
-def _straight_stroke(rows: np.ndarray, cols: np.ndarray) -> tuple[bool, float, np.ndarray]:
-    """Is a piece of ink (its pixels' rows and columns) one straight stroke, at what angle to the vertical
-    (degrees, 0-90), and along which direction (a unit (row, column) vector)? From the spread of its
-    pixels (their covariance): along its length, and across it, under STRAIGHT of that."""
+def _straight_stroke(rows: np.ndarray, cols: np.ndarray) -> tuple[bool, float]:
+    """Is a piece of ink (its pixels' rows and columns) one straight stroke, and at what angle to the
+    vertical (degrees, 0-90)? From the spread of its pixels (their covariance): along its length, and
+    across it, under STRAIGHT of that."""
     if len(rows) < 3:
-        return False, 0.0, np.array([1.0, 0.0])
+        return False, 0.0
     across, along = np.linalg.eigh(np.cov(np.stack([rows, cols]).astype(np.float64)))
     direction = along[:, 1]  # (row, column) of the longer axis
     straight = np.sqrt(max(across[0], 0.0)) < STRAIGHT * np.sqrt(max(across[1], 1e-12))
-    return bool(straight), float(np.degrees(np.arctan2(abs(direction[1]), abs(direction[0])))), direction
+    return bool(straight), float(np.degrees(np.arctan2(abs(direction[1]), abs(direction[0]))))
 
 
 def looks_like_a_digit(mine: np.ndarray, contrast: np.ndarray) -> bool:
@@ -2130,8 +2130,9 @@ def looks_like_a_digit(mine: np.ndarray, contrast: np.ndarray) -> bool:
     digit? On a page with no digit, what is left is what the earlier steps did not take out: a speck,
     scraps of a ruled line (where a shadow or a slant bent it), the grid's lines side by side, a corner
     of a wooden table, the faint remains of a shadow's edge. So not a digit are: a box under
-    SMALLEST_DIGIT of the frame's shorter side; ink whose darkest tenth stands under FAINTEST_DIGIT above
-    the paper; ink riddled with holes (over HOLEY of 5 px or more: a table's grain); and, leaving out scraps under a
+    SMALLEST_DIGIT of the frame's shorter side; ink whose strongest tenth stands under FAINTEST_DIGIT
+    from its paper in `contrast` (measured in the shrunk photo, where a very light, thin pencil line
+    is fainter than it was); ink riddled with holes (over HOLEY of 5 px or more: a table's grain); and, leaving out scraps under a
     fifth of the biggest piece, pieces that are all thin straight strokes lying within 30 degrees of flat
     (no digit is a '-'), or two or more thin straight strokes, parallel and side by side (a 1 that faded
     in two is one above the other)."""
@@ -2150,9 +2151,9 @@ def looks_like_a_digit(mine: np.ndarray, contrast: np.ndarray) -> bool:
     area = np.bincount(labels.ravel())[1:]
     pieces = [i + 1 for i in np.nonzero(area >= 0.2 * area.max())[0]]
     strokes = [_straight_stroke(*np.nonzero(labels == i)) for i in pieces]
-    if not all(straight for straight, _, _ in strokes):
+    if not all(straight for straight, _ in strokes):
         return True
-    angles = [angle for _, angle, _ in strokes]
+    angles = [angle for _, angle in strokes]
     if min(angles) > 60:  # (not 45: a 1 slanted 30 degrees on a page turned 16 is at 46 in the photo)
         return False
     boxes = [(r.start, c.start, r.stop, c.stop) for r, c in ndimage.find_objects(labels)]
@@ -2479,31 +2480,39 @@ def on_the_page(groups: list[list[dict]], grey: np.ndarray, typical: float | Non
 def off_the_page_edge(groups: list[list[dict]], grey: np.ndarray) -> list[list[dict]]:
     """A row's groups without a scrap of the page's edge, or of the desk beyond it, at either end. Where
     the paper meets a dark desk, the page's edge is a thin dark line, and the desk's grain beside it is
-    dark too: a scrap of them beside the row was read as one more 1 ("5915" as "15915"). The photo from
-    such a scrap outwards to the frame's edge is mostly under half as bright as the row's paper (the
-    median of the other digits' boxes), and either the scrap is itself on the desk (its box under
-    ON_THE_TABLE of the paper: a shadow leaves a digit's paper more), or it is the edge's line: thin (under EDGE_SLIVER of the row's typical height wide, or one
-    straight stroke: a turned page's edge is slanted), with the desk right beyond it (within 15% of
-    the typical height). A 1 at the end of a row has paper beyond it (a margin line is dark, but thin)."""
+    dark too: a scrap of them beside the row was read as one more 1 ("5915" as "15915"). Such a scrap
+    has the desk beyond it: the photo from it outwards to the frame's edge is mostly under half as
+    bright as the paper. And either it lies on the desk itself: the photo around its ink, in its box,
+    is under ON_THE_TABLE of the row's paper (around the other digits' ink; a shadow leaves the paper
+    more of its light). Or it is the edge's line: thin (under EDGE_SLIVER of the row's typical height
+    wide, or one straight stroke: a turned page's edge slants), with the desk right beyond it (within
+    15% of the typical height), judged against the paper just beside it on the row's side where that
+    is darker (a shadow over the row's end darkens the paper and what lies beyond alike). A 1 at the
+    end of a row has paper beyond it (a margin line is dark, but thin)."""
     if len(groups) < 2:
         return groups
     typical = float(np.median([_height(g) for g in groups]))
     band = max(2, round(0.15 * typical))
     boxes = [_union([p["box"] for p in g]) for g in groups]
-    shades = [float(np.median(grey[t:b, l:r])) for t, l, b, r in boxes]
+
+    def paper_around(i: int) -> float:
+        top, left, bottom, right = boxes[i]
+        box, ink = grey[top:bottom, left:right], pixels_of(groups[i])[top:bottom, left:right]
+        return float(np.median(box[~ink] if (~ink).any() else box))
 
     def on_the_edge(i: int, outwards_left: bool) -> bool:
         top, left, bottom, right = boxes[i]
-        paper = float(np.median(shades[:i] + shades[i + 1:]))
+        row_paper = float(np.median([paper_around(j) for j in range(len(groups)) if j != i]))
         beyond = grey[top:bottom, :left] if outwards_left else grey[top:bottom, right:]
-        if beyond.size and np.median(beyond) >= 0.5 * paper:
-            return False
-        if shades[i] < ON_THE_TABLE * paper:
-            return True  # on the desk (a shadow leaves the paper more of its light)
-        rows, cols = np.nonzero(pixels_of(groups[i]))
-        thin = right - left <= EDGE_SLIVER * typical or _straight_stroke(rows, cols)[0]
+        if paper_around(i) < ON_THE_TABLE * row_paper and (not beyond.size or np.median(beyond) < 0.5 * row_paper):
+            return True  # on the desk
+        towards = grey[top:bottom, right:right + band] if outwards_left else grey[top:bottom, max(0, left - band):left]
+        paper = min(row_paper, float(np.median(towards))) if towards.size else row_paper
         near = beyond[:, -band:] if outwards_left else beyond[:, :band]
-        return thin and bool(near.size) and np.median(near, axis=0).min() < 0.5 * paper
+        if not near.size or np.median(beyond) >= 0.5 * paper or np.median(near, axis=0).min() >= 0.5 * paper:
+            return False
+        rows, cols = np.nonzero(pixels_of(groups[i]))
+        return right - left <= EDGE_SLIVER * typical or _straight_stroke(rows, cols)[0]
 
     ends = [i for i, outwards_left in ((0, True), (len(groups) - 1, False)) if on_the_edge(i, outwards_left)]
     return [g for i, g in enumerate(groups) if i not in ends] or groups

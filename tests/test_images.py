@@ -1165,6 +1165,25 @@ def test_the_slanted_edge_of_a_turned_page_beside_the_desk_is_not_a_1():
     assert len(digits) == 3 and boxes[-1][3] < 260
 
 
+@pytest.mark.parametrize("beyond", ["paper, then the desk", "a shadow"])
+def test_a_1_ending_a_row_stays_with_paper_or_a_shadow_beyond_it(beyond):
+    # A review's cases for the rule above: an upright 1's box is nearly all ink, so its box was as dark
+    # as the desk; and a shadow over the row's end is no desk.
+    photo = np.full((200, 400), 0.9, np.float32) + np.random.default_rng(0).normal(0, 0.004, (200, 400))
+    canvas = Image.new("L", (400, 200), 0)
+    draw = ImageDraw.Draw(canvas)
+    for x0 in (60, 150):  # "77"
+        draw.line([(x0, 40), (x0 + 45, 40)], fill=255, width=8)
+        draw.line([(x0 + 45, 40), (x0 + 15, 120)], fill=255, width=8)
+    draw.line([(270, 40), (270, 120)], fill=255, width=8)  # the 1, a marker's
+    photo *= 1 - 0.9 * np.asarray(canvas, np.float32) / 255
+    if beyond == "a shadow":  # soft-edged, from x = 235 on, leaving the paper 0.4 of its light
+        photo *= (0.4 + 0.6 / (1 + np.exp((np.arange(400) - 235) / 4)))[None, :]
+    else:
+        photo[:, 298:] = 0.25  # the desk, 24 px of paper past the 1
+    assert len(mnist_jax.split_digits(photo.astype(np.float32))[0]) == 3
+
+
 def test_ink_barely_darker_than_the_paper_is_no_digit_but_a_light_pencils_is():
     # On the blank pages of two photo generators, most of what was still read as a digit stood only 10-12%
     # above its paper: a shadow's soft edge, a faded line. The faintest digit they read right stood 13%.
