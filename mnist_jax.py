@@ -1477,7 +1477,7 @@ SMALLEST_DIGIT = 0.05  # a digit's box is at least this share of the frame's sho
 FAINTEST_DIGIT = 0.12  # a digit's strongest tenth stands at least this far from its paper (contrast, 0-1)
 STRAIGHT = 0.15  # a piece whose ink spreads across its length under this share of along it is a straight stroke
 EDGE_SLIVER = 0.25  # a row's end scrap at most this share of its height wide, by the desk, may be the page's edge
-ON_THE_TABLE = 0.35  # a digit's box whose brightest tenth (or a row's end group's paper) is under this share of the paper's is on the table
+ON_THE_TABLE = 0.35  # a box whose brightest tenth (a row's end: its paper) is under this share of the paper's: the table
 DESK_DARKER = 0.7  # a desk around the paper is under this share of the paper's brightness
 OFF_THE_LINE = 0.75  # a row's group whose middle is this far off the others' line (of their height) is no digit
 
@@ -2132,10 +2132,10 @@ def looks_like_a_digit(mine: np.ndarray, contrast: np.ndarray) -> bool:
     of a wooden table, the faint remains of a shadow's edge. So not a digit are: a box under
     SMALLEST_DIGIT of the frame's shorter side; ink whose strongest tenth stands under FAINTEST_DIGIT
     from its paper in `contrast` (measured in the shrunk photo, where a very light, thin pencil line
-    is fainter than it was); ink riddled with holes (over HOLEY of 5 px or more: a table's grain); and, leaving out scraps under a
-    fifth of the biggest piece, pieces that are all thin straight strokes lying within 30 degrees of flat
-    (no digit is a '-'), or two or more thin straight strokes, parallel and side by side (a 1 that faded
-    in two is one above the other)."""
+    is fainter than it was); ink riddled with holes (over HOLEY of 5 px or more: a table's grain);
+    and, leaving out scraps under a fifth of the biggest piece, pieces that are all thin straight
+    strokes lying within 30 degrees of flat (no digit is a '-'), or two or more thin straight strokes,
+    parallel and side by side (a 1 that faded in two is one above the other)."""
     rows, cols = np.nonzero(mine)
     side = min(contrast.shape)
     if not len(rows) or max(np.ptp(rows), np.ptp(cols)) + 1 < SMALLEST_DIGIT * side:
@@ -2494,25 +2494,22 @@ def off_the_page_edge(groups: list[list[dict]], grey: np.ndarray) -> list[list[d
     typical = float(np.median([_height(g) for g in groups]))
     band = max(2, round(0.15 * typical))
     boxes = [_union([p["box"] for p in g]) for g in groups]
-
-    def paper_around(i: int) -> float:
-        top, left, bottom, right = boxes[i]
-        box, ink = grey[top:bottom, left:right], pixels_of(groups[i])[top:bottom, left:right]
-        return float(np.median(box[~ink] if (~ink).any() else box))
+    inks = [np.isin(g[0]["labels"][t:b, l:r], [p["label"] for p in g]) for g, (t, l, b, r) in zip(groups, boxes)]
+    papers = [float(np.median(grey[t:b, l:r][~ink] if (~ink).any() else grey[t:b, l:r]))  # around the ink
+              for ink, (t, l, b, r) in zip(inks, boxes)]
 
     def on_the_edge(i: int, outwards_left: bool) -> bool:
         top, left, bottom, right = boxes[i]
-        row_paper = float(np.median([paper_around(j) for j in range(len(groups)) if j != i]))
+        row_paper = float(np.median(papers[:i] + papers[i + 1:]))
         beyond = grey[top:bottom, :left] if outwards_left else grey[top:bottom, right:]
-        if paper_around(i) < ON_THE_TABLE * row_paper and (not beyond.size or np.median(beyond) < 0.5 * row_paper):
+        if papers[i] < ON_THE_TABLE * row_paper and (not beyond.size or np.median(beyond) < 0.5 * row_paper):
             return True  # on the desk
         towards = grey[top:bottom, right:right + band] if outwards_left else grey[top:bottom, max(0, left - band):left]
         paper = min(row_paper, float(np.median(towards))) if towards.size else row_paper
         near = beyond[:, -band:] if outwards_left else beyond[:, :band]
         if not near.size or np.median(beyond) >= 0.5 * paper or np.median(near, axis=0).min() >= 0.5 * paper:
             return False
-        rows, cols = np.nonzero(pixels_of(groups[i]))
-        return right - left <= EDGE_SLIVER * typical or _straight_stroke(rows, cols)[0]
+        return right - left <= EDGE_SLIVER * typical or _straight_stroke(*np.nonzero(inks[i]))[0]
 
     ends = [i for i, outwards_left in ((0, True), (len(groups) - 1, False)) if on_the_edge(i, outwards_left)]
     return [g for i, g in enumerate(groups) if i not in ends] or groups
