@@ -3736,7 +3736,7 @@ class Config:
                           choices=("linear", "onecycle", "cosine"))
     optimizer: str = _flag("sgd", "sgd (with --momentum) or adam", choices=("sgd", "adam"))
     momentum: float = _flag(0.9, "SGD momentum (0 = plain SGD)", type=_fraction)
-    augment: bool = _flag(False, "randomly shift, turn, scale, shear, bend and thicken each training image, "
+    augment: bool = _flag(False, "randomly shift, turn, scale, shear, bend, thicken or thin each training image, "
                           "and cut small gaps in its strokes")
     grad: str = _flag("auto", "gradients from jax.grad (auto) or from the backward pass written by hand (manual)",
                       choices=("auto", "manual"))
