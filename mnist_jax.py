@@ -1861,6 +1861,10 @@ def off_the_paper(grey: np.ndarray) -> np.ndarray:
       least 2% of the frame. (A table along one side is `drop_frame_edge`'s: it cuts along the page's
       straight edge, and keeps a digit standing on the table. One reaching over a third of the way in
       also runs along two more sides, and counts as a desk.)
+    - not across the page: a dark band with a large piece of paper on either side of it is a hard-edged
+      shadow over the page (a lamp's, of a pen or a ruler), with the writing in it, not the desk beyond
+      the page's edge (`_across_the_page`). (Where such a shadow runs into the desk, the two are one dark
+      piece, and neither is taken for the desk.)
     The mask reaches 1% of the shorter side into the paper, over the paper's edge."""
     short = min(grey.shape)
     size = max(3, round(0.04 * short))
@@ -1876,7 +1880,8 @@ def off_the_paper(grey: np.ndarray) -> np.ndarray:
     reach = max(1, round(0.03 * short))
     labels, _ = ndimage.label(ndimage.binary_opening(dark, iterations=reach))
     along = sum(np.bincount(side, minlength=labels.max() + 1) >= len(side) / 3 for side in _frame_sides(labels))
-    desk = np.isin(labels, np.nonzero(along[1:] >= 2)[0] + 1)
+    around = set((np.nonzero(along[1:] >= 2)[0] + 1).tolist()) - _across_the_page(labels, dark)
+    desk = np.isin(labels, list(around))
     if desk.mean() < 0.02:
         return no_desk
     # Sharply bordered? Counted just beside the desk, on the paper's side, and after a grey opening as
@@ -1895,6 +1900,21 @@ def off_the_paper(grey: np.ndarray) -> np.ndarray:
     near = ndimage.binary_dilation(desk, iterations=2 * reach)
     desk = near & np.isin(dark_here, np.unique(dark_here[desk & (dark_here > 0)]))
     return ndimage.binary_dilation(desk, iterations=max(1, round(0.01 * short)))
+
+
+def _across_the_page(labels: np.ndarray, dark: np.ndarray, least: float = 0.03) -> set[int]:
+    """The labels of the dark pieces in `labels` that cut the page in two: without the piece, the frame
+    falls apart into two or more parts, each with paper (not `dark`) over at least `least` of the frame.
+    The desk lies beyond the page, between it and the frame's edge; a shadow across the page has the page
+    on both sides of it."""
+    reach = max(2, round(0.02 * min(dark.shape)))  # (past the dark piece's own edge, to the paper beside it)
+    across = set()
+    for i in np.unique(labels[labels > 0]):
+        parts, n = ndimage.label(~ndimage.binary_dilation(labels == i, iterations=reach))
+        paper = np.bincount(parts[~dark], minlength=n + 1)[1:]
+        if (paper >= least * dark.size).sum() >= 2:
+            across.add(int(i))
+    return across
 
 
 def drop_frame_edge(contrast: np.ndarray, wide: np.ndarray | None = None) -> np.ndarray:

@@ -679,6 +679,27 @@ def test_a_shadow_a_bold_stroke_or_a_table_along_one_side_is_not_a_desk():
     assert desk[:, :50].all() and desk[-60:].all() and not desk[:-70, 60:].any()
 
 
+@pytest.mark.parametrize("shadow", [0.45, 0.6])
+def test_a_hard_edged_shadow_across_the_page_is_not_the_desk_and_keeps_its_digit(shadow):
+    # A lamp casts a pen's or a ruler's shadow with a sharp edge: a dark band from the top of the frame to
+    # the bottom, as sharply bordered as the desk beyond a page. It was taken for the desk, and the 1
+    # written in it went with it ("177" read as "77"). The desk lies beyond the page; the band has the
+    # page on both sides.
+    photo = np.full((200, 480), 0.9, np.float32) + np.random.default_rng(0).normal(0, 0.004, (200, 480))
+    canvas = Image.new("L", (480, 200), 0)
+    draw = ImageDraw.Draw(canvas)
+    draw.line([(135, 40), (130, 120)], fill=255, width=6)  # the 1, in the shadow
+    for x0 in (250, 320):  # "77" in the light
+        draw.line([(x0, 40), (x0 + 45, 40)], fill=255, width=6)
+        draw.line([(x0 + 45, 40), (x0 + 15, 120)], fill=255, width=6)
+    photo *= 1 - 0.85 * np.asarray(canvas, np.float32) / 255
+    photo[:, 40:230] *= shadow  # the shadow's band, hard-edged, leaving the paper this share of its light
+    photo[:, 400:] = photo[:25, 280:] = 0.3  # a grey desk beyond the page, at the top right corner
+    desk = mnist_jax.off_the_paper(photo)
+    assert desk[:, 410:].all() and desk[:20, 290:].all() and not desk[:, 40:230].any()
+    assert len(mnist_jax.split_digits(photo)[0]) == 3
+
+
 def test_a_digit_in_a_corner_darkened_by_vignetting_and_falling_light_is_read(font_model):
     # A third of the frame was too wide a window for the paper's brightness here: it could not follow
     # the corner's fall-off, which was left as a grey ring that outweighed the digit (2 of 8 read).
