@@ -1615,7 +1615,167 @@ def paper_window(contrast: np.ndarray) -> int:
     return max(3, int(np.clip(3 * width, 0.06 * side, side / 3)))
 
 
-# --- 3. the ruled and squared lines of the paper ------------------------------------------------------
+# --- 3. the desk beyond the paper, and the frame's edge -----------------------------------------------
+def _along_the_edge(mask: np.ndarray, least: float) -> tuple[np.ndarray, np.ndarray]:
+    """The pieces of `mask` that run along more than `least` of a side of the frame (within a band of 6%
+    of the frame's size: the very edge may be missing), and the part of them that is the table itself.
+
+    Only pieces that stay near their side count, reaching at most halfway into the frame: a table, not a
+    big digit. A digit written near the table joins its piece, but only over some of its columns, and the
+    page's edge is straight. So the table's part is what lies within the straight line that follows how
+    far the piece reaches in, column by column, where no digit sticks out (`_straight_edge`).
+    Returns two masks: the whole pieces, and their table parts."""
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
+    h, w = mask.shape
+    depth = max(2, round(0.06 * min(h, w)))
+    pieces, table = np.zeros_like(mask), np.zeros_like(mask)
+    boxes = [None] + ndimage.find_objects(labels)
+    for side, band in enumerate((labels[:depth], labels[-depth:], labels[:, :depth].T, labels[:, -depth:].T)):
+        for i in np.unique(band[band > 0]):
+            rows, cols = boxes[i]
+            reach_in = [rows.stop / h, (h - rows.start) / h, cols.stop / w, (w - cols.start) / w][side]
+            spots = np.nonzero((band == i).any(axis=0))[0]  # where along this side the piece is
+            if reach_in > 0.5 or (spots.max() - spots.min() + 1) / band.shape[1] <= least:
+                continue
+            piece = labels[rows, cols] == i
+            pieces[rows, cols] |= piece
+            # The piece and its table part turned so that their side is at the top (views: they share memory).
+            part = np.zeros_like(piece)
+            seen, seen_part = [(a, a[::-1], a.T, a.T[::-1])[side] for a in (piece, part)]
+            present = seen.any(axis=0)
+            reach = np.where(present, len(seen) - np.argmax(seen[::-1], axis=0), 0)  # how far in, per column
+            seen_part |= seen & (np.arange(len(seen))[:, None] < _straight_edge(reach, present))
+            table[rows, cols] |= part
+    return pieces, table
+
+
+def _straight_edge(reach: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """How far in the table reaches at each column where the piece is `present` (and 1 px more, rounded up):
+    a straight line, as a page's edge is straight. It is fitted to the columns that reach in least (a
+    digit touching the table only ever reaches further in), then twice more to the columns that reach no
+    further in than the last line by 2 px or twice their typical distance from it."""
+    x, y = np.flatnonzero(present), reach[present].astype(float)
+    edge = y <= np.median(y)
+    for _ in range(3):
+        slope, start = np.polyfit(x[edge], y[edge], 1) if edge.sum() > 1 else (0.0, float(np.median(y[edge])))
+        off = y - (slope * x + start)
+        edge = off <= max(2.0, 2 * float(np.median(np.abs(off[edge]))))
+    return np.where(present, np.ceil(slope * np.arange(len(reach)) + start + 1), 0)
+
+
+def otsu_level(values: np.ndarray) -> float:
+    """Otsu's threshold: the level that splits the values into the two classes that lie furthest apart (the
+    largest spread between the classes' means, each weighted by its share of the values)."""
+    counts, edges = np.histogram(values, bins=128)
+    levels = (edges[:-1] + edges[1:]) / 2
+    below = np.cumsum(counts)
+    above = below[-1] - below
+    sums = np.cumsum(counts * levels)
+    spread = below * above * (sums / np.maximum(below, 1) - (sums[-1] - sums) / np.maximum(above, 1)) ** 2
+    return float(levels[np.argmax(spread)])
+
+
+def off_the_paper(grey: np.ndarray) -> np.ndarray:
+    """Where the photo shows the desk around the paper (a page, a sticky note lying on it), as a mask: all
+    False if no desk is seen. A wooden desk's grain and the edge of a note are ink to `find_ink`; left in,
+    they were cut out as the digit.
+
+    A grey closing 4% of the shorter side wide takes away the pen's strokes; Otsu's level then splits what is
+    left into paper and darker things. The darker part is a desk if it is
+    - clearly darker, under DESK_DARKER of the paper's brightness;
+    - sharply bordered, as a page's edge is: beside the desk (closed over its grain), on the paper's side
+      within twice the opening's reach, the pixels halfway between the two levels number under 1.2% of the
+      shorter side per pixel of the border. They are counted in a copy opened as well as closed, from
+      which a pale desk's broad light grain is gone. Only the paper's half of an edge counts, so an edge
+      that goes from dark to light within about 5% of the shorter side is sharp; a shadow's is softer,
+      and its dark side is paper;
+    - wide (what an opening of 3% of the shorter side in radius leaves: nothing under about 6% wide, such as
+      a marker's stroke, and the frame's corners lose as much), and seen around the
+      paper: along a third of two sides of the frame or more (a corner, or all around a note); in all, at
+      least 2% of the frame. (A table along one side is `drop_frame_edge`'s: it cuts along the page's
+      straight edge, and keeps a digit standing on the table. One reaching over a third of the way in
+      also runs along two more sides, and counts as a desk.)
+    - not across the page: a dark band with a large piece of paper on either side of it is a hard-edged
+      shadow over the page (a lamp's, of a pen or a ruler), with the writing in it, not the desk beyond
+      the page's edge (`_across_the_page`). (Where such a shadow runs into the desk, the two are one dark
+      piece, and neither is taken for the desk.)
+    The mask reaches 1% of the shorter side into the paper, over the paper's edge."""
+    short = min(grey.shape)
+    size = max(3, round(0.04 * short))
+    closed = ndimage.grey_closing(grey, size=size)
+    level = otsu_level(closed.ravel())
+    dark = closed <= level
+    no_desk = np.zeros_like(dark)
+    if not 0.02 <= dark.mean() < 1:
+        return no_desk
+    paper_level, dark_level = float(closed[~dark].mean()), float(closed[dark].mean())
+    if dark_level > DESK_DARKER * paper_level:
+        return no_desk
+    reach = max(1, round(0.03 * short))
+    labels, _ = ndimage.label(ndimage.binary_opening(dark, iterations=reach))
+    along = sum(np.bincount(side, minlength=labels.max() + 1) >= len(side) / 3 for side in _frame_sides(labels))
+    around = set((np.nonzero(along[1:] >= 2)[0] + 1).tolist()) - _across_the_page(labels, dark)
+    desk = np.isin(labels, list(around))
+    if desk.mean() < 0.02:
+        return no_desk
+    # Sharply bordered? Counted just beside the desk, on the paper's side, and after a grey opening as
+    # well: a pale desk's broad light grain lies halfway between the two levels too, but inside the desk.
+    smooth = ndimage.grey_opening(closed, size=size)
+    solid = ndimage.binary_closing(desk, iterations=reach, border_value=1)  # (the grain's light streaks closed)
+    border = solid & ~ndimage.binary_erosion(solid, border_value=1)  # (the frame's edge is no border)
+    beside = ndimage.binary_dilation(solid, iterations=2 * reach) & ~solid
+    halfway = np.abs(smooth - (paper_level + dark_level) / 2) < 0.25 * (paper_level - dark_level)
+    if (halfway & beside).sum() > 0.012 * short * max(1, border.sum()):
+        return no_desk
+    # Back to the photo itself, where the paper between the desk and a digit near it is light again: the
+    # desk is what is dark there, joined to what the opening kept, and near it (its thin corners, the
+    # ends of the printed lines that run into it).
+    dark_here, _ = ndimage.label(ndimage.gaussian_filter(grey, 1) <= level)
+    near = ndimage.binary_dilation(desk, iterations=2 * reach)
+    desk = near & np.isin(dark_here, np.unique(dark_here[desk & (dark_here > 0)]))
+    return ndimage.binary_dilation(desk, iterations=max(1, round(0.01 * short)))
+
+
+def _across_the_page(labels: np.ndarray, dark: np.ndarray, least: float = 0.03) -> set[int]:
+    """The labels of the dark pieces in `labels` that cut the page in two: without the piece, the frame
+    falls apart into two or more parts, each with paper (not `dark`) over at least `least` of the frame.
+    The desk lies beyond the page, between it and the frame's edge; a shadow across the page has the page
+    on both sides of it."""
+    reach = max(2, round(0.02 * min(dark.shape)))  # (past the dark piece's own edge, to the paper beside it)
+    across = set()
+    for i in np.unique(labels[labels > 0]):
+        parts, n = ndimage.label(~ndimage.binary_dilation(labels == i, iterations=reach))
+        paper = np.bincount(parts[~dark], minlength=n + 1)[1:]
+        if (paper >= least * dark.size).sum() >= 2:
+            across.add(int(i))
+    return across
+
+
+def drop_frame_edge(contrast: np.ndarray, wide: np.ndarray | None = None) -> np.ndarray:
+    """The contrast without the dark things that run along the frame's edge: the table beyond the page,
+    the page's edge, cut by the frame. They are found as the clearly dark pieces (above 40% of the
+    strongest contrast) that run along a third of a side or more, and their table parts (not a digit
+    written close to the table) are taken out with a margin for their soft borders. A digit may touch
+    the frame too, so if not even faint ink would be left beside the whole pieces (a faint pencil digit
+    beside a dark table is left), only the table part of what runs along most of a side goes.
+    They are looked for in `wide` if given: the contrast against the default, wide window, in which the
+    table stays one long dark piece (a narrow window flattens most of it into grain, and leaves its
+    corner as a short dark sliver that no longer runs along the edge).
+    What is taken out becomes NaN, not 0: it is not the page, so it does not count when the printed
+    lines' contrast along the page is measured next."""
+    look_in = contrast if wide is None else wide
+    soft = ndimage.gaussian_filter(look_in, 2)  # a table's grain would break it into bits
+    strongest = float(np.percentile(soft, 99.9))
+    clear = soft > 0.4 * strongest
+    margin = max(1, round(0.03 * min(contrast.shape)))
+    pieces, table = _along_the_edge(clear, 1 / 3)
+    faint = ndimage.gaussian_filter(look_in, 1) > 0.1 * strongest  # (without the wide blur's halo)
+    if (faint & ~ndimage.binary_dilation(pieces, iterations=margin)).sum() < 0.002 * faint.size:
+        table = _along_the_edge(clear, 0.8)[1]  # not even faint ink would be left beside the whole pieces
+    return np.where(ndimage.binary_dilation(table, iterations=margin), np.nan, contrast)
+
+
+# --- 4. the ruled and squared lines of the paper, and a dotted page's dots ----------------------------
 def _straighten(image: np.ndarray, angle: float, fan: float = 0.0) -> tuple[np.ndarray, tuple]:
     """Rows of `image` taken along straight lines: row r of the result follows the line that crosses the
     middle column at height r - pad, turned by `angle` degrees plus `fan` degrees times its height's
@@ -1781,166 +1941,7 @@ def remove_dots(contrast: np.ndarray) -> np.ndarray:
     return np.where(dotted, 0.0, contrast)
 
 
-# --- 4. find the ink, and keep what may be handwriting ------------------------------------------------
-def _along_the_edge(mask: np.ndarray, least: float) -> tuple[np.ndarray, np.ndarray]:
-    """The pieces of `mask` that run along more than `least` of a side of the frame (within a band of 6%
-    of the frame's size: the very edge may be missing), and the part of them that is the table itself.
-
-    Only pieces that stay near their side count, reaching at most halfway into the frame: a table, not a
-    big digit. A digit written near the table joins its piece, but only over some of its columns, and the
-    page's edge is straight. So the table's part is what lies within the straight line that follows how
-    far the piece reaches in, column by column, where no digit sticks out (`_straight_edge`).
-    Returns two masks: the whole pieces, and their table parts."""
-    labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
-    h, w = mask.shape
-    depth = max(2, round(0.06 * min(h, w)))
-    pieces, table = np.zeros_like(mask), np.zeros_like(mask)
-    boxes = [None] + ndimage.find_objects(labels)
-    for side, band in enumerate((labels[:depth], labels[-depth:], labels[:, :depth].T, labels[:, -depth:].T)):
-        for i in np.unique(band[band > 0]):
-            rows, cols = boxes[i]
-            reach_in = [rows.stop / h, (h - rows.start) / h, cols.stop / w, (w - cols.start) / w][side]
-            spots = np.nonzero((band == i).any(axis=0))[0]  # where along this side the piece is
-            if reach_in > 0.5 or (spots.max() - spots.min() + 1) / band.shape[1] <= least:
-                continue
-            piece = labels[rows, cols] == i
-            pieces[rows, cols] |= piece
-            # The piece and its table part turned so that their side is at the top (views: they share memory).
-            part = np.zeros_like(piece)
-            seen, seen_part = [(a, a[::-1], a.T, a.T[::-1])[side] for a in (piece, part)]
-            present = seen.any(axis=0)
-            reach = np.where(present, len(seen) - np.argmax(seen[::-1], axis=0), 0)  # how far in, per column
-            seen_part |= seen & (np.arange(len(seen))[:, None] < _straight_edge(reach, present))
-            table[rows, cols] |= part
-    return pieces, table
-
-
-def _straight_edge(reach: np.ndarray, present: np.ndarray) -> np.ndarray:
-    """How far in the table reaches at each column where the piece is `present` (and 1 px more, rounded up):
-    a straight line, as a page's edge is straight. It is fitted to the columns that reach in least (a
-    digit touching the table only ever reaches further in), then twice more to the columns that reach no
-    further in than the last line by 2 px or twice their typical distance from it."""
-    x, y = np.flatnonzero(present), reach[present].astype(float)
-    edge = y <= np.median(y)
-    for _ in range(3):
-        slope, start = np.polyfit(x[edge], y[edge], 1) if edge.sum() > 1 else (0.0, float(np.median(y[edge])))
-        off = y - (slope * x + start)
-        edge = off <= max(2.0, 2 * float(np.median(np.abs(off[edge]))))
-    return np.where(present, np.ceil(slope * np.arange(len(reach)) + start + 1), 0)
-
-
-def otsu_level(values: np.ndarray) -> float:
-    """Otsu's threshold: the level that splits the values into the two classes that lie furthest apart (the
-    largest spread between the classes' means, each weighted by its share of the values)."""
-    counts, edges = np.histogram(values, bins=128)
-    levels = (edges[:-1] + edges[1:]) / 2
-    below = np.cumsum(counts)
-    above = below[-1] - below
-    sums = np.cumsum(counts * levels)
-    spread = below * above * (sums / np.maximum(below, 1) - (sums[-1] - sums) / np.maximum(above, 1)) ** 2
-    return float(levels[np.argmax(spread)])
-
-
-def off_the_paper(grey: np.ndarray) -> np.ndarray:
-    """Where the photo shows the desk around the paper (a page, a sticky note lying on it), as a mask: all
-    False if no desk is seen. A wooden desk's grain and the edge of a note are ink to `find_ink`; left in,
-    they were cut out as the digit.
-
-    A grey closing 4% of the shorter side wide takes away the pen's strokes; Otsu's level then splits what is
-    left into paper and darker things. The darker part is a desk if it is
-    - clearly darker, under DESK_DARKER of the paper's brightness;
-    - sharply bordered, as a page's edge is: beside the desk (closed over its grain), on the paper's side
-      within twice the opening's reach, the pixels halfway between the two levels number under 1.2% of the
-      shorter side per pixel of the border. They are counted in a copy opened as well as closed, from
-      which a pale desk's broad light grain is gone. Only the paper's half of an edge counts, so an edge
-      that goes from dark to light within about 5% of the shorter side is sharp; a shadow's is softer,
-      and its dark side is paper;
-    - wide (what an opening of 3% of the shorter side in radius leaves: nothing under about 6% wide, such as
-      a marker's stroke, and the frame's corners lose as much), and seen around the
-      paper: along a third of two sides of the frame or more (a corner, or all around a note); in all, at
-      least 2% of the frame. (A table along one side is `drop_frame_edge`'s: it cuts along the page's
-      straight edge, and keeps a digit standing on the table. One reaching over a third of the way in
-      also runs along two more sides, and counts as a desk.)
-    - not across the page: a dark band with a large piece of paper on either side of it is a hard-edged
-      shadow over the page (a lamp's, of a pen or a ruler), with the writing in it, not the desk beyond
-      the page's edge (`_across_the_page`). (Where such a shadow runs into the desk, the two are one dark
-      piece, and neither is taken for the desk.)
-    The mask reaches 1% of the shorter side into the paper, over the paper's edge."""
-    short = min(grey.shape)
-    size = max(3, round(0.04 * short))
-    closed = ndimage.grey_closing(grey, size=size)
-    level = otsu_level(closed.ravel())
-    dark = closed <= level
-    no_desk = np.zeros_like(dark)
-    if not 0.02 <= dark.mean() < 1:
-        return no_desk
-    paper_level, dark_level = float(closed[~dark].mean()), float(closed[dark].mean())
-    if dark_level > DESK_DARKER * paper_level:
-        return no_desk
-    reach = max(1, round(0.03 * short))
-    labels, _ = ndimage.label(ndimage.binary_opening(dark, iterations=reach))
-    along = sum(np.bincount(side, minlength=labels.max() + 1) >= len(side) / 3 for side in _frame_sides(labels))
-    around = set((np.nonzero(along[1:] >= 2)[0] + 1).tolist()) - _across_the_page(labels, dark)
-    desk = np.isin(labels, list(around))
-    if desk.mean() < 0.02:
-        return no_desk
-    # Sharply bordered? Counted just beside the desk, on the paper's side, and after a grey opening as
-    # well: a pale desk's broad light grain lies halfway between the two levels too, but inside the desk.
-    smooth = ndimage.grey_opening(closed, size=size)
-    solid = ndimage.binary_closing(desk, iterations=reach, border_value=1)  # (the grain's light streaks closed)
-    border = solid & ~ndimage.binary_erosion(solid, border_value=1)  # (the frame's edge is no border)
-    beside = ndimage.binary_dilation(solid, iterations=2 * reach) & ~solid
-    halfway = np.abs(smooth - (paper_level + dark_level) / 2) < 0.25 * (paper_level - dark_level)
-    if (halfway & beside).sum() > 0.012 * short * max(1, border.sum()):
-        return no_desk
-    # Back to the photo itself, where the paper between the desk and a digit near it is light again: the
-    # desk is what is dark there, joined to what the opening kept, and near it (its thin corners, the
-    # ends of the printed lines that run into it).
-    dark_here, _ = ndimage.label(ndimage.gaussian_filter(grey, 1) <= level)
-    near = ndimage.binary_dilation(desk, iterations=2 * reach)
-    desk = near & np.isin(dark_here, np.unique(dark_here[desk & (dark_here > 0)]))
-    return ndimage.binary_dilation(desk, iterations=max(1, round(0.01 * short)))
-
-
-def _across_the_page(labels: np.ndarray, dark: np.ndarray, least: float = 0.03) -> set[int]:
-    """The labels of the dark pieces in `labels` that cut the page in two: without the piece, the frame
-    falls apart into two or more parts, each with paper (not `dark`) over at least `least` of the frame.
-    The desk lies beyond the page, between it and the frame's edge; a shadow across the page has the page
-    on both sides of it."""
-    reach = max(2, round(0.02 * min(dark.shape)))  # (past the dark piece's own edge, to the paper beside it)
-    across = set()
-    for i in np.unique(labels[labels > 0]):
-        parts, n = ndimage.label(~ndimage.binary_dilation(labels == i, iterations=reach))
-        paper = np.bincount(parts[~dark], minlength=n + 1)[1:]
-        if (paper >= least * dark.size).sum() >= 2:
-            across.add(int(i))
-    return across
-
-
-def drop_frame_edge(contrast: np.ndarray, wide: np.ndarray | None = None) -> np.ndarray:
-    """The contrast without the dark things that run along the frame's edge: the table beyond the page,
-    the page's edge, cut by the frame. They are found as the clearly dark pieces (above 40% of the
-    strongest contrast) that run along a third of a side or more, and their table parts (not a digit
-    written close to the table) are taken out with a margin for their soft borders. A digit may touch
-    the frame too, so if not even faint ink would be left beside the whole pieces (a faint pencil digit
-    beside a dark table is left), only the table part of what runs along most of a side goes.
-    They are looked for in `wide` if given: the contrast against the default, wide window, in which the
-    table stays one long dark piece (a narrow window flattens most of it into grain, and leaves its
-    corner as a short dark sliver that no longer runs along the edge).
-    What is taken out becomes NaN, not 0: it is not the page, so it does not count when the printed
-    lines' contrast along the page is measured next."""
-    look_in = contrast if wide is None else wide
-    soft = ndimage.gaussian_filter(look_in, 2)  # a table's grain would break it into bits
-    strongest = float(np.percentile(soft, 99.9))
-    clear = soft > 0.4 * strongest
-    margin = max(1, round(0.03 * min(contrast.shape)))
-    pieces, table = _along_the_edge(clear, 1 / 3)
-    faint = ndimage.gaussian_filter(look_in, 1) > 0.1 * strongest  # (without the wide blur's halo)
-    if (faint & ~ndimage.binary_dilation(pieces, iterations=margin)).sum() < 0.002 * faint.size:
-        table = _along_the_edge(clear, 0.8)[1]  # not even faint ink would be left beside the whole pieces
-    return np.where(ndimage.binary_dilation(table, iterations=margin), np.nan, contrast)
-
-
+# --- 5. find the ink, and keep what may be handwriting ------------------------------------------------
 def paper_grain(contrast: np.ndarray) -> float:
     """The contrast that plain paper's grain and noise reach: most of a photo is paper (a big digit, half)."""
     return 0.04 + 3 * float(np.percentile(np.nan_to_num(contrast), 25))
@@ -2084,7 +2085,7 @@ def _outline_around_ink(part: dict, parts: list[dict], boxes: np.ndarray, areas:
     return any(filled[window == parts[i]["label"]].all() for i in inside[:10])
 
 
-# --- 5. keep the digit: the main group of strokes ----------------------------------------------------
+# --- 5. (continued) keep the digit: the main group of strokes --------------------------------------
 def _near(a, b, gap):
     """Are two boxes (top, left, bottom, right) within `gap` px of each other?"""
     return (a[0] - gap < b[2] and b[0] - gap < a[2]) and (a[1] - gap < b[3] and b[1] - gap < a[3])
@@ -2290,7 +2291,8 @@ def normalise_strokes(ink: np.ndarray) -> np.ndarray:
 
 
 def find_page(image, stages: dict) -> tuple[np.ndarray, float | None]:
-    """Steps 1-3 shared by one digit and a row: grey -> contrast -> no frame's edge -> no lines or dots.
+    """Steps 1-4, shared by one digit and a row: grey -> contrast -> no desk or frame's edge -> no lines
+    or dots.
     Returns the contrast and the page's angle (see `remove_lines`)."""
     grey = shrink(load_image(image, draft=WORK_SIDE))
     stages["grey, small"] = grey
@@ -2308,8 +2310,8 @@ def find_page(image, stages: dict) -> tuple[np.ndarray, float | None]:
 
 
 def find_parts(image, contrast: np.ndarray, stages: dict, row: bool = False) -> list[dict]:
-    """Step 4: the pieces of ink in the contrast (`image` only names the photo in the error). A row's
-    ink is found without `find_ink`'s `faint` level: there, faint ink joined neighbouring digits.
+    """Step 5, first half: the pieces of ink in the contrast (`image` only names the photo in the error).
+    A row's ink is found without `find_ink`'s `faint` level: there, faint ink joined neighbouring digits.
     Raises ImageError if there are none."""
     mask = find_ink(contrast, faint=not row)
     stages["ink"] = mask.astype(np.float32)
@@ -2321,7 +2323,8 @@ def find_parts(image, contrast: np.ndarray, stages: dict, row: bool = False) -> 
 
 
 def one_digit(image, parts: list[dict], contrast: np.ndarray, angle: float | None, stages: dict) -> np.ndarray:
-    """Steps 5-6 for one digit: keep the main group of strokes, cut it out, strokes like MNIST's, 28x28.
+    """The rest of step 5, and step 6, for one digit: keep the main group of strokes, cut it out, strokes
+    like MNIST's, 28x28.
     Raises ImageError if that group is no digit (`looks_like_a_digit`); `image` names the photo there."""
     parts = pieces_on_the_page(parts, stages["grey, small"])
     mine = with_faint_strokes(keep_digit(parts), contrast, parts)
@@ -2678,7 +2681,8 @@ def _grew_into_one(a: tuple, b: tuple, height: float) -> bool:
 
 
 def digits_in_a_row(parts: list[dict], contrast: np.ndarray, angle: float | None, stages: dict):
-    """Steps 5-6 for a row: the pieces grouped into digits left to right, each cut out and fitted to 28x28.
+    """The rest of step 5, and step 6, for a row: the pieces grouped into digits left to right, each cut out
+    and fitted to 28x28.
     Returns ([28x28 arrays], [boxes (top, left, bottom, right) in the shrunk photo's pixels])."""
     digits, boxes = [], []
     grey = stages["grey, small"]
