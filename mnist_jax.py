@@ -1714,8 +1714,8 @@ def off_the_paper(grey: np.ndarray) -> np.ndarray:
     reach = max(1, round(0.03 * short))
     labels, _ = ndimage.label(ndimage.binary_opening(dark, iterations=reach))
     along = sum(np.bincount(side, minlength=labels.max() + 1) >= len(side) / 3 for side in _frame_sides(labels))
-    around = set((np.nonzero(along[1:] >= 2)[0] + 1).tolist()) - _across_the_page(labels, dark)
-    desk = np.isin(labels, list(around))
+    around = [i for i in np.nonzero(along[1:] >= 2)[0] + 1 if not _across_the_page(labels == i, dark)]
+    desk = np.isin(labels, around)
     if desk.mean() < 0.02:
         return no_desk
     # Sharply bordered? Counted just beside the desk, on the paper's side, and after a grey opening as
@@ -1736,19 +1736,13 @@ def off_the_paper(grey: np.ndarray) -> np.ndarray:
     return ndimage.binary_dilation(desk, iterations=max(1, round(0.01 * short)))
 
 
-def _across_the_page(labels: np.ndarray, dark: np.ndarray, least: float = 0.03) -> set[int]:
-    """The labels of the dark pieces in `labels` that cut the page in two: without the piece, the frame
-    falls apart into two or more parts, each with paper (not `dark`) over at least `least` of the frame.
-    The desk lies beyond the page, between it and the frame's edge; a shadow across the page has the page
-    on both sides of it."""
-    reach = max(2, round(0.02 * min(dark.shape)))  # (past the dark piece's own edge, to the paper beside it)
-    across = set()
-    for i in np.unique(labels[labels > 0]):
-        parts, n = ndimage.label(~ndimage.binary_dilation(labels == i, iterations=reach))
-        paper = np.bincount(parts[~dark], minlength=n + 1)[1:]
-        if (paper >= least * dark.size).sum() >= 2:
-            across.add(int(i))
-    return across
+def _across_the_page(piece: np.ndarray, dark: np.ndarray, least: float = 0.03) -> bool:
+    """Does this dark piece (a mask) cut the page in two? Without it, the frame falls apart into two or
+    more parts, each with paper (not `dark`) over at least `least` of the frame. The desk lies beyond
+    the page, between it and the frame's edge; a shadow across the page has the page on both sides."""
+    reach = max(2, round(0.02 * min(dark.shape)))  # (past the piece's own edge, to the paper beside it)
+    parts, n = ndimage.label(~ndimage.binary_dilation(piece, iterations=reach))
+    return int((np.bincount(parts[~dark], minlength=n + 1)[1:] >= least * dark.size).sum()) >= 2
 
 
 def drop_frame_edge(contrast: np.ndarray, wide: np.ndarray | None = None) -> np.ndarray:
